@@ -1,0 +1,272 @@
+"""The adaptation engine: one call per batch, `step(x) -> logits`, prediction first and adaptation after.
+
+Only the worker thread calls it. Methods:
+- none: the frozen source model in eval mode;
+- norm: test-statistics normalisation, no gradient;
+- tent: norm + one entropy-minimisation step on the normalisation layers' affine parameters.
+With every guard off, `tent` is TENT as published; the guards are described in README.md.
+"""
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.adaptation.guards import CollapseMonitor, relative_drift, softmax_entropy
+from app.adaptation.norm import TestTimeBatchNorm, configure, set_stats_update
+from app.config import Settings
+
+# Collapse checks start after this many steps: the entropy EMA needs a few batches to mean anything.
+COLLAPSE_WARMUP_STEPS = 10
+
+
+@dataclass
+class StepResult:
+    logits: torch.Tensor  # from the forward pass made before this batch's update
+    source_logits: torch.Tensor | None  # the frozen source model's, when the shadow is on
+    step: int  # adaptation steps since the last reset, after this batch
+
+
+@dataclass
+class EngineStats:
+    steps_total: int = 0
+    steps_since_reset: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    resets: Counter = field(default_factory=Counter)
+    last_grad_norm: float | None = None
+    drift: float = 0.0
+
+
+class AdaptationEngine:
+    def __init__(self, source: nn.Module, num_classes: int, settings: Settings, device: torch.device) -> None:
+        self.settings = settings
+        self.num_classes = num_classes
+        self.device = device
+        self.source = source.to(device).eval()
+        self.source.requires_grad_(False)
+        self.stats = EngineStats()
+        self.adapted: nn.Module | None = None
+        self.params: list[nn.Parameter] = []
+        self.norm_kind = "none"
+        if settings.method != "none":
+            configured = configure(
+                self.source, robust_stats=settings.guard_min_batch, stats_horizon=settings.stats_horizon
+            )
+            self.adapted, self.params, self.norm_kind = configured.model, configured.params, configured.norm_kind
+        self._initial_state = self._adaptable_state()
+        self._source_params = [p.detach().clone() for p in self.params]
+        self._fresh_guard_state()
+
+    # ----- the one call the worker makes -----
+
+    def step(self, x: torch.Tensor) -> StepResult:
+        x = x.to(self.device, non_blocking=True)
+        source_logits = None
+        if self.settings.shadow_source or self.adapted is None:
+            with torch.inference_mode():
+                source_logits = self.source(x)
+        if self.adapted is None:
+            return StepResult(source_logits, None, 0)
+        shadow = source_logits if self.settings.shadow_source else None
+        last_good = self._adaptable_state() if self.settings.guard_nonfinite else None
+        if self.settings.method == "norm":
+            with torch.no_grad():
+                logits = self.adapted(x)
+            self._finite(logits, last_good)
+            return StepResult(logits, shadow, self.stats.steps_since_reset)
+
+        small = self.settings.guard_min_batch and len(x) < self.settings.min_batch
+        if small:
+            with torch.no_grad():
+                logits = self.adapted(x)
+            if self._finite(logits, last_good):
+                self._buffer_and_maybe_adapt(x)
+        else:
+            with torch.enable_grad():
+                logits = self.adapted(x)
+                if self._finite(logits.detach(), last_good):
+                    self._adapt(x, logits, last_good)
+        logits = logits.detach()
+        if torch.isfinite(logits).all():
+            self._check_collapse_and_drift(logits)
+        return StepResult(logits, shadow, self.stats.steps_since_reset)
+
+    def reset(self, reason: str) -> None:
+        """Back to the source state exactly: parameters, statistics, optimiser and guard state."""
+        self._restore(self._initial_state)
+        self._fresh_guard_state()
+        self.stats.resets[reason] += 1
+        self.stats.steps_since_reset = 0
+        self.stats.drift = 0.0
+
+    # ----- adaptation -----
+
+    def _adapt(self, x: torch.Tensor, logits: torch.Tensor, last_good: dict | None) -> None:
+        """`steps_per_batch` entropy steps; the first reuses the prediction's forward pass."""
+        for i in range(self.settings.steps_per_batch):
+            if i > 0:
+                set_stats_update(self.adapted, False)  # the batch was already counted in the statistics
+                try:
+                    logits = self.adapted(x)
+                finally:
+                    set_stats_update(self.adapted, True)
+            if not self._gradient_step(logits, last_good):
+                return
+
+    def _buffer_and_maybe_adapt(self, x: torch.Tensor) -> None:
+        self._buffer.append(x)
+        if sum(len(b) for b in self._buffer) < self.settings.min_batch:
+            self.stats.skipped["small_batch_buffered"] += 1
+            return
+        buffered = torch.cat(self._buffer)
+        self._buffer.clear()
+        last_good = self._adaptable_state() if self.settings.guard_nonfinite else None
+        set_stats_update(self.adapted, False)  # these samples updated the statistics when they were predicted
+        try:
+            with torch.enable_grad():
+                for _ in range(self.settings.steps_per_batch):
+                    if not self._gradient_step(self.adapted(buffered), last_good):
+                        break
+        finally:
+            set_stats_update(self.adapted, True)
+
+    def _gradient_step(self, logits: torch.Tensor, last_good: dict | None) -> bool:
+        entropy = softmax_entropy(logits)
+        if self.settings.guard_reliable:
+            reliable = entropy < self.settings.reliable_threshold(self.num_classes)
+            if not bool(reliable.any()):
+                self.stats.skipped["no_reliable_samples"] += 1
+                return False
+            entropy = entropy[reliable]
+        loss = entropy.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.settings.guard_grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip_norm)
+            self.stats.last_grad_norm = float(grad_norm)
+        if last_good is not None and not (
+            torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in self.params)
+        ):
+            self._rollback(last_good)
+            return False
+        self.optimizer.step()
+        if last_good is not None and not all(torch.isfinite(p).all() for p in self.params):
+            self._rollback(last_good)
+            return False
+        self.stats.steps_total += 1
+        self.stats.steps_since_reset += 1
+        return True
+
+    # ----- guards -----
+
+    def _finite(self, logits: torch.Tensor, last_good: dict | None) -> bool:
+        """Non-finite outputs mean the statistics took in something non-finite: roll back."""
+        if last_good is None or bool(torch.isfinite(logits).all()):
+            return True
+        self._rollback(last_good)
+        return False
+
+    def _rollback(self, last_good: dict) -> None:
+        self._restore(last_good)
+        self.stats.skipped["nonfinite"] += 1
+
+    def _check_collapse_and_drift(self, logits: torch.Tensor) -> None:
+        if self.settings.method != "tent":
+            return
+        s = self.settings
+        self.monitor.observe(logits, softmax_entropy(logits))
+        self.stats.drift = relative_drift(self.params, self._source_params)
+        if s.guard_collapse and self.stats.steps_since_reset >= COLLAPSE_WARMUP_STEPS:
+            diversity = self.monitor.diversity()
+            if self.monitor.entropy_ema < s.collapse_entropy * self.monitor.max_entropy:
+                return self.reset("collapse_entropy")
+            if diversity is not None and diversity < s.collapse_diversity * self.monitor.max_entropy:
+                return self.reset("collapse_diversity")
+        if s.guard_drift and self.stats.drift > s.drift_max:
+            return self.reset("drift")
+        if s.reset_every_steps and self.stats.steps_since_reset >= s.reset_every_steps:
+            return self.reset("periodic")
+
+    # ----- state -----
+
+    def _fresh_guard_state(self) -> None:
+        self._buffer: list[torch.Tensor] = []
+        self.monitor = CollapseMonitor(
+            self.num_classes, self.settings.entropy_ema_decay, self.settings.diversity_window
+        )
+        self.optimizer = self._make_optimizer()
+
+    def _make_optimizer(self) -> torch.optim.Optimizer | None:
+        if self.settings.method != "tent":
+            return None
+        if self.settings.optimizer == "sgd":
+            return torch.optim.SGD(self.params, lr=self.settings.lr, momentum=self.settings.momentum)
+        return torch.optim.Adam(self.params, lr=self.settings.lr, betas=(0.9, 0.999))
+
+    def _adaptable_state(self) -> dict[str, Any]:
+        """Everything adaptation changes: adapted parameters, test statistics, optimiser state."""
+        if self.adapted is None:
+            return {}
+        tensors = {n: p.detach().clone() for n, p in self.adapted.named_parameters() if p.requires_grad}
+        for name, module in self.adapted.named_modules():
+            if isinstance(module, TestTimeBatchNorm):
+                tensors[f"{name}.test_mean"] = module.test_mean.clone()
+                tensors[f"{name}.test_sqmean"] = module.test_sqmean.clone()
+        optimizer = getattr(self, "optimizer", None)
+        return {"tensors": tensors, "optimizer": _clone_optimizer_state(optimizer)}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if self.adapted is None:
+            return
+        current = {**dict(self.adapted.named_parameters()), **dict(self.adapted.named_buffers())}
+        with torch.no_grad():
+            for name, value in state["tensors"].items():
+                current[name].copy_(value)
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(_clone_optimizer_state(state["optimizer"]))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain values for /v1/status and the metrics; safe to read from other threads."""
+        s = self.settings
+        return {
+            "method": s.method,
+            "adapted_layers": self.norm_kind,
+            "adapted_parameters": sum(p.numel() for p in self.params),
+            "steps_total": self.stats.steps_total,
+            "steps_since_reset": self.stats.steps_since_reset,
+            "skipped": dict(self.stats.skipped),
+            "resets": dict(self.stats.resets),
+            "entropy_ema": self.monitor.entropy_ema,
+            "prediction_diversity": self.monitor.diversity(),
+            "param_drift": self.stats.drift,
+            "last_grad_norm": self.stats.last_grad_norm,
+            "buffer_fill": sum(len(b) for b in self._buffer),
+            "guards": {
+                **s.guards(),
+                "reliable_entropy": s.reliable_entropy,
+                "min_batch": s.min_batch,
+                "stats_horizon": s.stats_horizon,
+                "grad_clip_norm": s.grad_clip_norm,
+                "collapse_entropy": s.collapse_entropy,
+                "collapse_diversity": s.collapse_diversity,
+                "diversity_window": s.diversity_window,
+                "drift_max": s.drift_max,
+                "reset_every_steps": s.reset_every_steps,
+            },
+            "at": time.time(),
+        }
+
+
+def _clone_optimizer_state(optimizer: "torch.optim.Optimizer | dict | None") -> dict | None:
+    if optimizer is None:
+        return None
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    return {
+        "state": {
+            k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in state["state"].items()
+        },
+        "param_groups": [dict(g) for g in state["param_groups"]],
+    }

@@ -1,0 +1,53 @@
+"""Signals the stability guards decide on: entropy EMA, prediction diversity, parameter drift."""
+
+import math
+from collections import deque
+
+import torch
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample entropy (nats) of softmax(logits)."""
+    log_p = logits.log_softmax(dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+class CollapseMonitor:
+    """Tracks the EMA of the batch-mean entropy and the entropy of the mean prediction over a window."""
+
+    def __init__(self, num_classes: int, ema_decay: float, window: int) -> None:
+        self.num_classes = num_classes
+        self.ema_decay = ema_decay
+        self.window = window
+        self.entropy_ema: float | None = None
+        self._probability_sums: deque[tuple[torch.Tensor, int]] = deque()
+        self._window_count = 0
+
+    def observe(self, logits: torch.Tensor, entropy: torch.Tensor) -> None:
+        batch_entropy = float(entropy.mean())
+        if self.entropy_ema is None:
+            self.entropy_ema = batch_entropy
+        else:
+            self.entropy_ema = self.ema_decay * self.entropy_ema + (1 - self.ema_decay) * batch_entropy
+        self._probability_sums.append((logits.softmax(1).sum(0).cpu(), len(logits)))
+        self._window_count += len(logits)
+        while self._window_count - self._probability_sums[0][1] >= self.window:
+            self._window_count -= self._probability_sums.popleft()[1]
+
+    def diversity(self) -> float | None:
+        """Entropy (nats) of the mean prediction, once the window is full."""
+        if self._window_count < self.window:
+            return None
+        mean = torch.stack([s for s, _ in self._probability_sums]).sum(0) / self._window_count
+        return float(-(mean * mean.clamp_min(1e-12).log()).sum())
+
+    @property
+    def max_entropy(self) -> float:
+        return math.log(self.num_classes)
+
+
+def relative_drift(params: list[torch.Tensor], source: list[torch.Tensor]) -> float:
+    """||theta - theta_source|| / ||theta_source|| over all adapted parameters."""
+    diff = torch.sqrt(sum(((p.detach() - s) ** 2).sum() for p, s in zip(params, source, strict=True)))
+    norm = torch.sqrt(sum((s**2).sum() for s in source))
+    return float(diff / norm.clamp_min(1e-12))

@@ -1,0 +1,71 @@
+"""Every error is JSON `{"error": code, "detail": sentence}`; request metrics are taken here too."""
+
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.metrics.ledger import LabelError
+from app.serving.preprocess import InputError
+
+KNOWN_ROUTES = {"/predict", "/feedback", "/reset", "/v1/status", "/healthz", "/readyz", "/metrics"}
+
+
+def error_response(status: int, code: str, detail: str) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InputError)
+    @app.exception_handler(LabelError)
+    async def _known(request: Request, error: InputError | LabelError) -> JSONResponse:
+        return error_response(error.status, error.code, error.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return error_response(422, "invalid_fields", f"{where}: {first['msg']}")
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, error: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        return error_response(500, "internal_error", f"the server failed on this request: {type(error).__name__}")
+
+    app.add_middleware(RequestMetricsMiddleware)
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by route and status and times them (pure ASGI: no body buffering)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_remember(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_remember)
+        finally:
+            service = getattr(scope["app"].state, "service", None)
+            if service is not None:
+                route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
+                service.metrics.requests.labels(route, str(status)).inc()
+                service.metrics.request_duration.labels(route).observe(time.perf_counter() - started)

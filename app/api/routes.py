@@ -1,0 +1,193 @@
+"""HTTP routes: thin; they parse, hand images to the batcher, and shape the answer."""
+
+import secrets
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Body, Header, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from app.api.parsing import parse_predict
+from app.api.schemas import (
+    ERROR_RESPONSES,
+    FeedbackItem,
+    FeedbackResponse,
+    PredictJSON,
+    PredictResponse,
+    ResetResponse,
+    StatusResponse,
+)
+from app.metrics.ledger import LedgerEntry
+from app.serving.preprocess import InputError, decode_all
+
+router = APIRouter()
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more images (JPEG, PNG, WebP, GIF)",
+                        },
+                        "labels": {
+                            "type": "string",
+                            "description": "optional true classes: '3,5,1' or one field per image",
+                        },
+                    },
+                }
+            },
+            "application/json": {"schema": PredictJSON.model_json_schema()},
+        },
+    }
+}
+
+
+def _service(request: Request) -> Any:
+    return request.app.state.service
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=PREDICT_BODY,
+    summary="Classify one or more images (prediction first, then the model adapts on the batch)",
+)
+async def predict(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    settings, card = service.settings, service.card
+    started = time.monotonic()
+    files, labels = await parse_predict(request, settings)
+    for label in labels or ():
+        service.ledger.check_label(label)
+    images = await run_in_threadpool(decode_all, files, card.input_size, service.limits)
+    remaining = settings.request_timeout_s - (time.monotonic() - started)
+    result = await service.batcher.submit(images, max(remaining, 0.001))
+    out, names = result.output, card.class_names
+    predictions = []
+    now = time.monotonic()
+    for i in range(result.offset, result.offset + result.count):
+        prediction_id = uuid.uuid4().hex
+        source = out.source_class_index[i] if out.source_class_index is not None else None
+        label = labels[i - result.offset] if labels is not None else None
+        service.ledger.record(
+            prediction_id, LedgerEntry(out.class_index[i], source, out.entropy[i], now, out.step), label
+        )
+        predictions.append(
+            {
+                "id": prediction_id,
+                "class_index": out.class_index[i],
+                "class_name": names[out.class_index[i]],
+                "confidence": out.confidence[i],
+                "entropy": out.entropy[i],
+                "top_k": [
+                    {"class_index": k, "class_name": names[k], "confidence": c}
+                    for k, c in zip(out.top_k_index[i], out.top_k_confidence[i], strict=True)
+                ],
+            }
+        )
+        service.metrics.prediction_entropy.observe(out.entropy[i])
+    service.metrics.predictions.inc(result.count)
+    if result.offset == 0:  # one request per batch reports the batch's phases
+        for phase, seconds in out.seconds.items():
+            service.metrics.batch_duration.labels(phase).observe(seconds)
+    return {"predictions": predictions, "adaptation_step": out.step}
+
+
+@router.post(
+    "/feedback",
+    response_model=FeedbackResponse,
+    responses=ERROR_RESPONSES,
+    summary="Late labels for earlier predictions: one {id, label} or a list of them",
+)
+async def feedback(request: Request, items: FeedbackItem | list[FeedbackItem] = Body(...)) -> dict[str, int]:
+    ledger = _service(request).ledger
+    items = items if isinstance(items, list) else [items]
+    correct = sum(ledger.label(item.id, item.label) for item in items)
+    return {"labelled": len(items), "correct": correct}
+
+
+@router.post(
+    "/reset",
+    response_model=ResetResponse,
+    responses=ERROR_RESPONSES,
+    summary="Admin: return the adaptation to the source model, between two batches",
+)
+async def reset(request: Request, authorization: str | None = Header(None)) -> dict[str, Any]:
+    service = _service(request)
+    token = service.settings.admin_token
+    if token is not None:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise InputError(401, "unauthorized", "POST /reset needs 'Authorization: Bearer <TTA_ADMIN_TOKEN>'")
+        if not secrets.compare_digest(authorization.removeprefix("Bearer "), token.get_secret_value()):
+            raise InputError(403, "forbidden", "the admin token is wrong")
+    await service.worker.reset("manual")
+    return {"reset": True, "adaptation_step": service.worker.snapshot["steps_since_reset"]}
+
+
+@router.get("/v1/status", response_model=StatusResponse, summary="Method, model, adaptation and guard state, figures")
+async def status(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    settings, card, snapshot = service.settings, service.card, service.worker.snapshot
+    scores = service.ledger.scores
+    prequential: dict[str, Any] = {
+        model: {
+            "labels": s.labels,
+            "correct": s.correct,
+            "accuracy": s.correct / s.labels if s.labels else None,
+            "window_accuracy": s.window_accuracy(),
+        }
+        for model, s in scores.items()
+        if model == "adapted" or settings.shadow_source
+    }
+    prequential["window"] = settings.prequential_window
+    if settings.shadow_source:
+        compared = service.ledger.shadow_compared
+        prequential["source_agreement"] = service.ledger.shadow_agreed / compared if compared else None
+    return {
+        "method": settings.method,
+        "device": str(service.device),
+        "model": {
+            **card.model_dump(exclude={"provenance"}),
+            "path": str(settings.model),
+            "test_top1": card.provenance.get("metrics", {}).get("test_top1"),
+        },
+        "adaptation": snapshot,
+        "batching": {
+            "max_batch_size": settings.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "queue_depth": service.batcher.queued_images,
+            "max_queue_images": settings.max_queue_images,
+        },
+        "prequential": prequential,
+        "ledger_entries": len(service.ledger),
+        "uptime_s": time.time() - service.started,
+    }
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: model loaded and worker alive", responses={503: ERROR_RESPONSES[503]})
+async def readyz(request: Request) -> Any:
+    service = getattr(request.app.state, "service", None)
+    if service is None or not service.worker.alive:
+        raise InputError(503, "not_ready", "the model worker is not running")
+    return {"status": "ready", "method": service.settings.method}
+
+
+@router.get("/metrics", summary="Prometheus exposition", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_service(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

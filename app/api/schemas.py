@@ -1,0 +1,77 @@
+"""Request and response bodies, as the OpenAPI docs at /docs show them."""
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class TopK(BaseModel):
+    class_index: int
+    class_name: str
+    confidence: float = Field(description="softmax probability")
+
+
+class Prediction(BaseModel):
+    id: str = Field(description="unique id; send it to POST /feedback with the true label later")
+    class_index: int
+    class_name: str
+    confidence: float = Field(description="softmax probability of the predicted class")
+    entropy: float = Field(description="softmax entropy in nats; ln(C) means no idea, 0 means certain")
+    top_k: list[TopK] = Field(description="the TTA_TOP_K most probable classes, most probable first")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction] = Field(description="one per image, in the order the images were sent")
+    adaptation_step: int = Field(description="adaptation steps since the last reset, after this request's batch")
+
+
+class PredictJSON(BaseModel):
+    images: list[str] = Field(min_length=1, description="base64-encoded image files (JPEG, PNG, WebP, GIF)")
+    labels: list[int] | None = Field(None, description="true class index of each image, for prequential scoring")
+
+
+class FeedbackItem(BaseModel):
+    id: str = Field(description="the prediction id returned by /predict")
+    label: int = Field(description="the true class index")
+
+
+class FeedbackResponse(BaseModel):
+    labelled: int
+    correct: int = Field(description="how many of these predictions were right when they were made")
+
+
+class ResetResponse(BaseModel):
+    reset: bool
+    adaptation_step: int
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="stable machine-readable code, e.g. invalid_image, queue_full")
+    detail: str = Field(description="what went wrong, in a sentence")
+
+
+class StatusResponse(BaseModel):
+    model_config = {"extra": "allow"}
+    method: str
+    device: str
+    model: dict[str, Any]
+    adaptation: dict[str, Any]
+    batching: dict[str, Any]
+    prequential: dict[str, Any]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "an image cannot be decoded (invalid_image, empty_image) or the body is malformed (bad_base64)",
+        401: "admin route without a bearer token (when TTA_ADMIN_TOKEN is set)",
+        403: "admin route with a wrong token",
+        404: "unknown or expired prediction id",
+        409: "the prediction already has a label",
+        413: "too many bytes, files or pixels (request_too_large, image_too_large, too_many_files, too_many_pixels)",
+        415: "the body is neither multipart/form-data nor JSON, or the image format is not accepted",
+        422: "invalid fields: labels out of range or not one per image, no images",
+        503: "queue full or shutting down; retry after Retry-After seconds",
+        504: "no answer within TTA_REQUEST_TIMEOUT_S",
+    }.items()
+}

@@ -1,0 +1,100 @@
+"""Every setting of the service, read from environment variables prefixed `TTA_` (e.g. TTA_PORT=9000)."""
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default" / "cifar10_resnet20.safetensors"
+
+Method = Literal["none", "norm", "tent"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TTA_", frozen=True, protected_namespaces=())
+
+    # --- serving ---
+    model: Path = Field(DEFAULT_MODEL, description="checkpoint (.safetensors with its .json model card beside it)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N; auto picks CUDA when present")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(64, ge=1, le=4096, description="images per model batch")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the oldest request waits for a fuller batch")
+    max_queue_images: int = Field(1024, ge=1, description="images waiting beyond this answer 503")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request not answered by then gets 504")
+    top_k: int = Field(5, ge=1, le=1000)
+    max_files_per_request: int = Field(64, ge=1, le=4096)
+    max_image_bytes: int = Field(8 * 2**20, ge=1, description="encoded bytes of one image")
+    max_request_bytes: int = Field(64 * 2**20, ge=1, description="body of one request")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="declared width x height, checked before decoding")
+    admin_token: SecretStr | None = Field(None, description="bearer token required by POST /reset when set")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="how long SIGTERM waits for queued batches")
+
+    # --- adaptation (see README, "Methods and guards") ---
+    method: Method = "tent"
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    steps_per_batch: int = Field(1, ge=1, le=100)
+    stats_horizon: int = Field(
+        256, ge=1, description="samples over which the running test statistics average (small-batch guard)"
+    )
+    guard_reliable: bool = Field(True, description="adapt only on samples with entropy < reliable_entropy * ln C")
+    reliable_entropy: float = Field(0.4, gt=0, le=1)
+    guard_min_batch: bool = Field(True, description="never normalise or step on a batch smaller than min_batch alone")
+    min_batch: int = Field(16, ge=1, le=4096)
+    guard_grad_clip: bool = True
+    grad_clip_norm: float = Field(1.0, gt=0)
+    guard_nonfinite: bool = Field(True, description="roll back a step with a non-finite loss, gradient or parameter")
+    guard_collapse: bool = True
+    collapse_entropy: float = Field(
+        0.02, ge=0, le=1, description="reset when the batch-entropy EMA falls below this * ln C"
+    )
+    entropy_ema_decay: float = Field(0.9, ge=0, lt=1)
+    collapse_diversity: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="reset when the entropy of the mean prediction over the window falls below this * ln C",
+    )
+    diversity_window: int = Field(2048, ge=16, description="recent predictions the diversity check looks at")
+    guard_drift: bool = True
+    drift_max: float = Field(
+        0.5, gt=0, description="reset when ||theta - theta_source|| / ||theta_source|| passes this"
+    )
+    reset_every_steps: int = Field(0, ge=0, description="periodic reset; 0 = off")
+
+    # --- evaluation ---
+    shadow_source: bool = Field(False, description="also predict with the frozen source model, for comparison")
+    ledger_size: int = Field(100_000, ge=1, description="predictions remembered while waiting for a label")
+    ledger_max_age_s: float = Field(3600.0, gt=0)
+    prequential_window: int = Field(1000, ge=1, description="labels in the tta_prequential_accuracy window")
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"model checkpoint {value} does not exist")
+        return value
+
+    def reliable_threshold(self, num_classes: int) -> float:
+        return self.reliable_entropy * math.log(num_classes)
+
+    def guards(self) -> dict[str, bool]:
+        return {name: getattr(self, f"guard_{name}") for name in GUARDS}
+
+    def without_guards(self) -> "Settings":
+        """TENT as published: every guard off."""
+        return self.model_copy(update={f"guard_{name}": False for name in GUARDS})
+
+
+GUARDS = ("reliable", "min_batch", "grad_clip", "nonfinite", "collapse", "drift")

@@ -1,0 +1,99 @@
+"""create_app(settings): the FastAPI app; its lifespan loads the model and starts the worker and batcher."""
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import torch
+from fastapi import FastAPI
+
+from app.adaptation.engine import AdaptationEngine
+from app.api.errors import install_error_handlers
+from app.api.routes import router
+from app.config import Settings
+from app.metrics.ledger import PredictionLedger
+from app.metrics.prometheus import ServiceMetrics
+from app.serving.batcher import Batcher
+from app.serving.preprocess import ImageLimits
+from app.serving.worker import ModelWorker
+from models.checkpoint import ModelCard, load_checkpoint
+
+log = logging.getLogger("tta")
+
+
+@dataclass
+class Service:
+    """Everything a route needs, built once per process."""
+
+    settings: Settings
+    card: ModelCard
+    device: torch.device
+    worker: ModelWorker
+    batcher: Batcher
+    ledger: PredictionLedger
+    metrics: ServiceMetrics
+    limits: ImageLimits
+    started: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"TTA_DEVICE={name} but no CUDA device is available; use cpu or auto")
+    return device
+
+
+def build_service(settings: Settings) -> Service:
+    model, card = load_checkpoint(settings.model)
+    device = resolve_device(settings.device)
+    engine = AdaptationEngine(model, card.num_classes, settings, device)
+    worker = ModelWorker(engine, card.mean, card.std, settings.top_k)
+    batcher = Batcher(worker.predict, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue_images)
+    ledger = PredictionLedger(
+        card.num_classes, settings.ledger_size, settings.ledger_max_age_s, settings.prequential_window
+    )
+    metrics = ServiceMetrics(ledger, lambda: worker.snapshot, lambda: batcher.queued_images, settings.shadow_source)
+
+    def observe_batch(size: int, wait_s: float) -> None:
+        metrics.batch_size.observe(size)
+        metrics.batch_duration.labels("queue_wait").observe(wait_s)
+
+    batcher.on_batch = observe_batch
+    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    return Service(settings, card, device, worker, batcher, ledger, metrics, limits, time.time())
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = build_service(settings)
+        service.worker.start()
+        service.batcher.start()
+        app.state.service = service
+        log.info(
+            "serving %s (%s) on %s with method %s",
+            settings.model.name,
+            service.card.architecture,
+            service.device,
+            settings.method,
+        )
+        yield
+        await service.batcher.stop(settings.shutdown_grace_s)
+        service.worker.stop()
+
+    app = FastAPI(
+        title="TTA inference server",
+        description="Image classification that adapts online to its traffic (TENT with stability guards), "
+        "with dynamic batching and prequential metrics.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

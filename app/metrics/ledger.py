@@ -1,0 +1,105 @@
+"""The prediction ledger: predictions wait here for their label; labels score them prequentially.
+
+A prediction is scored with what the model said when it made it, before adapting on that batch.
+Memory is bounded by `max_size` entries and `max_age_s` seconds, whatever the traffic.
+"""
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+
+@dataclass
+class LedgerEntry:
+    class_index: int
+    source_class_index: int | None
+    entropy: float
+    created: float  # time.monotonic()
+    step: int
+    labelled: bool = False
+
+
+class LabelError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+class PrequentialScore:
+    """Cumulative and sliding-window accuracy of one model ("adapted" or "source")."""
+
+    def __init__(self, window: int) -> None:
+        self.labels = 0
+        self.correct = 0
+        self._recent: deque[bool] = deque(maxlen=window)
+        self._recent_correct = 0
+
+    def add(self, correct: bool) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_correct -= self._recent[0]
+        self._recent.append(correct)
+        self._recent_correct += correct
+        self.labels += 1
+        self.correct += correct
+
+    def window_accuracy(self) -> float | None:
+        return self._recent_correct / len(self._recent) if self._recent else None
+
+
+class PredictionLedger:
+    def __init__(self, num_classes: int, max_size: int, max_age_s: float, window: int) -> None:
+        self.num_classes = num_classes
+        self.max_size = max_size
+        self.max_age_s = max_age_s
+        self._entries: OrderedDict[str, LedgerEntry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.scores = {"adapted": PrequentialScore(window), "source": PrequentialScore(window)}
+        self.shadow_compared = 0
+        self.shadow_agreed = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record(self, prediction_id: str, entry: LedgerEntry, label: int | None) -> None:
+        with self._lock:
+            if entry.source_class_index is not None:
+                self.shadow_compared += 1
+                self.shadow_agreed += entry.source_class_index == entry.class_index
+            if label is not None:
+                self._score(entry, label)
+            self._entries[prediction_id] = entry
+            self._evict(time.monotonic())
+
+    def label(self, prediction_id: str, label: int) -> bool:
+        """Score a late label; returns whether the prediction was correct."""
+        self.check_label(label)
+        with self._lock:
+            self._evict(time.monotonic())
+            entry = self._entries.get(prediction_id)
+            if entry is None:
+                raise LabelError(404, "unknown_prediction", f"no prediction {prediction_id!r} (unknown or expired)")
+            if entry.labelled:
+                raise LabelError(409, "already_labelled", f"prediction {prediction_id!r} already has a label")
+            return self._score(entry, label)
+
+    def check_label(self, label: int) -> None:
+        if not 0 <= label < self.num_classes:
+            raise LabelError(422, "label_out_of_range", f"label {label} is outside 0..{self.num_classes - 1}")
+
+    def _score(self, entry: LedgerEntry, label: int) -> bool:
+        entry.labelled = True
+        correct = entry.class_index == label
+        self.scores["adapted"].add(correct)
+        if entry.source_class_index is not None:
+            self.scores["source"].add(entry.source_class_index == label)
+        return correct
+
+    def _evict(self, now: float) -> None:
+        while len(self._entries) > self.max_size:
+            self._entries.popitem(last=False)
+        while self._entries:
+            oldest = next(iter(self._entries.values()))
+            if now - oldest.created <= self.max_age_s:
+                break
+            self._entries.popitem(last=False)
