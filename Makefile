@@ -5,7 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: serve test test-slow lint install
+.PHONY: serve test test-slow lint install prometheus
+
+# The integration tests run a real Prometheus server (Debian package `prometheus`, which brings promtool).
+# Installed here when missing and apt-get can be used; elsewhere those tests skip and say why.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
+	  echo "prometheus not installed: its integration tests will skip"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +26,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/tta serve
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow"
 

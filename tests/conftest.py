@@ -1,11 +1,16 @@
 """Fixtures shared by the test modules."""
 
+import io
 import os
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg"
+from app.config import DEFAULT_MODEL
+from models.data import SHARED_DATA, list_members
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +26,35 @@ def shared_data() -> Path:
             pytest.fail(f"{reason}; CI=true, so this is an error rather than a skip")
         pytest.skip(reason)
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The committed default model (TTA_TEST_MODEL points elsewhere, e.g. while retraining it)."""
+    path = Path(os.environ.get("TTA_TEST_MODEL", DEFAULT_MODEL))
+    assert path.is_file(), f"default model {path} is missing: it is committed under models/default/"
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_zip(shared_data: Path) -> Path:
+    return shared_data / "test.zip"
+
+
+@pytest.fixture(scope="session")
+def jpeg_images(test_zip: Path) -> list[tuple[str, bytes, int]]:
+    """Forty real test JPEGs, four per class: (member name, bytes, label)."""
+    with zipfile.ZipFile(test_zip) as archive:
+        members, labels, _ = list_members(archive)
+        picked = [i for i in range(len(members)) if int(members[i].rsplit("/", 1)[1][:4]) < 4]
+        return [(members[i], archive.read(members[i]), labels[i]) for i in picked]
+
+
+def make_png(width: int = 40, height: int = 30, seed: int = 0, mode: str = "RGB") -> bytes:
+    """An image made by the test itself, for tests that need any image at all."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8).squeeze()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -65,6 +65,7 @@ def configure(source: nn.Module, robust_stats: bool, stats_horizon: int) -> Conf
     model = copy.deepcopy(source).eval()  # eval: dropout off; our norm layers ignore the flag
     model.requires_grad_(False)
     replaced = _replace_batchnorms(model, robust_stats, stats_horizon)
+    model.eval()  # the new layers too
     others = [m for m in model.modules() if isinstance(m, AFFINE_NORMS) and getattr(m, "weight", None) is not None]
     if not replaced and not others:
         raise ValueError(

@@ -13,6 +13,7 @@ import torch
 
 from app.adaptation.engine import AdaptationEngine
 from app.adaptation.guards import softmax_entropy
+from models.data import normalize
 
 
 @dataclass
@@ -33,8 +34,7 @@ class ModelWorker:
     def __init__(self, engine: AdaptationEngine, mean: tuple[float, ...], std: tuple[float, ...], top_k: int) -> None:
         self.engine = engine
         self.top_k = min(top_k, engine.num_classes)
-        self._mean = torch.tensor(mean, device=engine.device).view(1, -1, 1, 1) * 255.0
-        self._std = torch.tensor(std, device=engine.device).view(1, -1, 1, 1) * 255.0
+        self.mean, self.std = mean, std
         self._jobs: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self.snapshot: dict[str, Any] = engine.snapshot()  # replaced (never mutated) after every job
@@ -75,8 +75,7 @@ class ModelWorker:
 
     def _predict(self, images: list[torch.Tensor]) -> BatchOutput:
         started = time.perf_counter()
-        x = torch.cat(images).to(self.engine.device, non_blocking=True)
-        x = (x.float() - self._mean) / self._std
+        x = normalize(torch.cat(images).to(self.engine.device, non_blocking=True), self.mean, self.std)
         result = self.engine.step(x)
         stepped = time.perf_counter()
         with torch.inference_mode():

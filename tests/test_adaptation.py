@@ -1,0 +1,318 @@
+"""The adaptation engine: faithful TENT, exact reset, each guard, and accuracy where adaptation should help."""
+
+import asyncio
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from app.adaptation.engine import COLLAPSE_WARMUP_STEPS, AdaptationEngine
+from app.adaptation.guards import softmax_entropy
+from app.adaptation.norm import TestTimeBatchNorm
+from app.config import Settings
+from models.checkpoint import load_checkpoint
+from models.data import load_zip, normalize
+from tests.servers import in_process_client
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def source(model_path: Path) -> tuple[nn.Module, Settings]:
+    model, _ = load_checkpoint(model_path)
+    return model, Settings(model=model_path)
+
+
+@pytest.fixture(scope="module")
+def clean(model_path: Path, test_zip: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """600 test images (60 per class), shuffled with a fixed seed, normalised as the server does."""
+    _, card = load_checkpoint(model_path)
+    data = load_zip(test_zip, limit_per_class=60)
+    order = torch.as_tensor(np.random.default_rng(0).permutation(len(data)))
+    return normalize(data.images[order], card.mean, card.std), data.labels[order]
+
+
+@pytest.fixture(scope="module")
+def noisy(model_path: Path, test_zip: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same images with Gaussian noise, sigma 0.1 on [0, 1] pixels (fixed seed)."""
+    _, card = load_checkpoint(model_path)
+    data = load_zip(test_zip, limit_per_class=60)
+    order = torch.as_tensor(np.random.default_rng(0).permutation(len(data)))
+    pixels = data.images[order].float() / 255
+    generator = torch.Generator().manual_seed(0)
+    pixels = (pixels + 0.1 * torch.randn(pixels.shape, generator=generator)).clamp(0, 1)
+    mean, std = torch.tensor(card.mean).view(1, 3, 1, 1), torch.tensor(card.std).view(1, 3, 1, 1)
+    return (pixels - mean) / std, data.labels[order]
+
+
+def engine(source: tuple[nn.Module, Settings], **overrides: object) -> AdaptationEngine:
+    model, settings = source
+    settings = settings.model_copy(update=overrides)
+    return AdaptationEngine(copy.deepcopy(model), 10, settings, CPU)
+
+
+def faithful(source: tuple[nn.Module, Settings], **overrides: object) -> AdaptationEngine:
+    model, settings = source
+    return AdaptationEngine(copy.deepcopy(model), 10, settings.without_guards().model_copy(update=overrides), CPU)
+
+
+def prequential_accuracy(e: AdaptationEngine, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    correct = 0
+    for start in range(0, len(x), batch):
+        correct += int((e.step(x[start : start + batch]).logits.argmax(1) == y[start : start + batch]).sum())
+    return correct / len(x)
+
+
+def adaptable_tensors(e: AdaptationEngine) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in e.adapted.state_dict().items()}
+
+
+def assert_same_state(a: AdaptationEngine, b: AdaptationEngine) -> None:
+    state_a, state_b = a.adapted.state_dict(), b.adapted.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    assert a.optimizer.state_dict()["state"] == b.optimizer.state_dict()["state"] == {}
+    assert a.monitor.entropy_ema == b.monitor.entropy_ema is None
+    assert a.monitor.diversity() is None and b.monitor.diversity() is None
+    assert a._buffer == b._buffer == []
+    assert a.stats.steps_since_reset == b.stats.steps_since_reset == 0
+
+
+# ----- faithfulness -----
+
+
+def reference_tent(model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
+    """TENT from the paper's description: train-mode BN without running statistics, BN affine
+    parameters only, mean softmax entropy, Adam(1e-3, (0.9, 0.999)), one step per batch."""
+    model = copy.deepcopy(model).train()
+    model.requires_grad_(False)
+    params = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.track_running_stats = False
+            module.running_mean = module.running_var = None
+            for kind in ("weight", "bias"):
+                getattr(module, kind).requires_grad_(True)
+                params[f"{name}.{kind}"] = getattr(module, kind)
+    optimizer = torch.optim.Adam(params.values(), lr=1e-3, betas=(0.9, 0.999))
+    history = []
+    for x in batches:
+        logits = model(x)
+        loss = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append((logits.detach(), {k: p.detach().clone() for k, p in params.items()}))
+    return history
+
+
+def test_tent_without_guards_matches_the_paper_step_by_step(source, clean) -> None:
+    x, _ = clean
+    batches = [x[i : i + 32] for i in range(0, 192, 32)]
+    e = faithful(source)
+    for batch, (ref_logits, ref_params) in zip(batches, reference_tent(source[0], batches), strict=True):
+        result = e.step(batch)
+        assert torch.allclose(result.logits, ref_logits, atol=1e-5), "returned logits are not the pre-update ones"
+        ours = {n: p for n, p in e.adapted.named_parameters() if p.requires_grad}
+        assert ours.keys() == ref_params.keys()
+        for name, value in ref_params.items():
+            assert torch.allclose(ours[name], value, atol=1e-5), name
+    assert e.stats.steps_total == len(batches)
+
+
+def test_only_normalisation_affine_parameters_change(source, clean) -> None:
+    x, _ = clean
+    e = engine(source)
+    before = {k: v.clone() for k, v in source[0].state_dict().items()}
+    for i in range(0, len(x), 32):
+        e.step(x[i : i + 32])
+    assert e.stats.steps_total >= 10
+    adapted = e.adapted.state_dict()
+    affine = {n for n, p in e.adapted.named_parameters() if p.requires_grad}
+    untouched = [k for k in adapted if k in before and k not in affine]
+    assert untouched, "no frozen tensor to compare"
+    for key in untouched:
+        assert torch.equal(adapted[key], before[key]), f"{key} changed"
+    for key, value in e.source.state_dict().items():
+        assert torch.equal(value, before[key]), f"the source model's {key} changed"
+    assert any(not torch.equal(adapted[k], before[k]) for k in affine), "nothing adapted"
+    assert all(not m.training for m in e.adapted.modules()), "dropout must stay off"
+
+
+# ----- reset -----
+
+
+def test_reset_restores_a_fresh_engine_exactly(source, clean) -> None:
+    x, _ = clean
+    e = engine(source)
+    for i in range(0, 200, 20):
+        e.step(x[i : i + 20])
+    e.step(x[:3])  # something left in the small-batch buffer
+    assert e.stats.steps_total > 0 and e._buffer
+    e.reset("manual")
+    assert_same_state(e, engine(source))
+    assert e.stats.resets["manual"] == 1
+
+
+# ----- guards -----
+
+
+def test_nonfinite_input_is_rolled_back(source, clean) -> None:
+    x, _ = clean
+    e = engine(source)
+    e.step(x[:32])
+    before = adaptable_tensors(e)
+    poisoned = x[32:64].clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    e.step(poisoned)
+    assert e.stats.skipped["nonfinite"] == 1
+    after = adaptable_tensors(e)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.isfinite(e.step(x[64:96]).logits).all()
+
+
+def test_huge_learning_rate_trips_the_drift_guard(source, clean) -> None:
+    x, _ = clean
+    e = engine(source, lr=10.0)
+    e.step(x[:32])
+    assert e.stats.resets["drift"] == 1
+    assert_same_state(e, engine(source, lr=10.0))
+
+
+def test_one_class_stream_trips_the_diversity_guard(source, clean) -> None:
+    x, y = clean
+    cats = x[y == 3]
+    e = engine(source, diversity_window=32, collapse_diversity=0.5)
+    for _ in range(COLLAPSE_WARMUP_STEPS + 2):
+        e.step(cats[:32])
+    assert e.stats.resets["collapse_diversity"] >= 1
+
+
+def test_low_entropy_ema_trips_the_collapse_guard(source, clean) -> None:
+    x, _ = clean
+    e = engine(source, collapse_entropy=0.9)  # an EMA below 0.9 ln C counts as collapse: always true here
+    for i in range(COLLAPSE_WARMUP_STEPS + 1):
+        e.step(x[32 * i : 32 * (i + 1)])
+    assert e.stats.resets["collapse_entropy"] == 1
+
+
+def test_unreliable_samples_make_no_step(source, clean) -> None:
+    x, _ = clean
+    e = engine(source, reliable_entropy=1e-9)
+    e.step(x[:32])
+    assert e.stats.skipped["no_reliable_samples"] == 1 and e.stats.steps_total == 0
+
+
+def test_small_batches_are_buffered_and_never_normalised_alone(source, clean) -> None:
+    x, _ = clean
+    e = engine(source)
+    for i in range(3):
+        e.step(x[4 * i : 4 * (i + 1)])
+    assert e.stats.skipped["small_batch_buffered"] == 3 and e.stats.steps_total == 0
+    e.step(x[12:16])
+    assert e.stats.steps_total == 1 and not e._buffer
+    # A single image's prediction depends on the running statistics, not on that image alone.
+    bn = next(m for m in e.adapted.modules() if isinstance(m, TestTimeBatchNorm))
+    before = bn.test_mean.clone()
+    e.step(x[16:17])
+    share = 1 / e.settings.stats_horizon
+    alone = x[16:17]
+    assert not torch.allclose(bn.test_mean, before)
+    assert (bn.test_mean - before).abs().max() <= share * (alone.abs().max() + before.abs().max()) * 10
+
+
+def test_gradient_clipping_bounds_the_step(source, clean) -> None:
+    x, _ = clean
+    e = engine(source, optimizer="sgd", momentum=0.0, lr=1.0, grad_clip_norm=1e-3, guard_drift=False)
+    start = [p.detach().clone() for p in e.params]
+    e.step(x[:64])
+    moved = torch.sqrt(sum(((p.detach() - s) ** 2).sum() for p, s in zip(e.params, start, strict=True)))
+    assert e.stats.last_grad_norm > 1e-3
+    assert float(moved) <= 1e-3 * 1.0001
+
+
+def test_periodic_reset(source, clean) -> None:
+    x, _ = clean
+    e = engine(source, reset_every_steps=3)
+    for i in range(3):
+        e.step(x[32 * i : 32 * (i + 1)])
+    assert e.stats.resets["periodic"] == 1 and e.stats.steps_since_reset == 0
+
+
+# ----- other architectures -----
+
+
+class TinyGroupNormNet(nn.Module):
+    def __init__(self, norm: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8) if norm else nn.Identity()
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+def test_models_without_batchnorm_adapt_their_norm_layers(source) -> None:
+    settings = source[1].model_copy(update={"guard_reliable": False})
+    e = AdaptationEngine(TinyGroupNormNet(), 10, settings, CPU)
+    assert e.norm_kind == "GroupNorm" and e.snapshot()["adapted_layers"] == "GroupNorm"
+    e.step(torch.randn(32, 3, 8, 8))
+    assert e.stats.steps_total == 1
+    with pytest.raises(ValueError, match="no normalisation layer"):
+        AdaptationEngine(TinyGroupNormNet(norm=False), 10, settings, CPU)
+
+
+# ----- accuracy -----
+
+
+def test_tent_beats_norm_beats_none_on_noisy_images(source, noisy) -> None:
+    x, y = noisy
+    accuracy = {
+        "none": prequential_accuracy(engine(source, method="none"), x, y, 50),
+        "norm": prequential_accuracy(engine(source, method="norm"), x, y, 50),
+        "tent": prequential_accuracy(engine(source, method="tent"), x, y, 50),
+    }
+    assert accuracy["tent"] > accuracy["norm"] > accuracy["none"], accuracy
+
+
+def test_single_image_stream_is_at_least_as_accurate_as_the_source(source, noisy) -> None:
+    x, y = noisy
+    adapted = prequential_accuracy(engine(source), x, y, 1)
+    frozen = prequential_accuracy(engine(source, method="none"), x, y, 1)
+    assert adapted >= frozen, (adapted, frozen)
+
+
+# ----- over HTTP -----
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_reset_over_http_during_load_and_admin_token(anyio_backend: str, model_path: Path, jpeg_images) -> None:
+    files = [("files", (name, data)) for name, data, _ in jpeg_images[:8]]
+    async with in_process_client(model=model_path, admin_token="s3cret", max_wait_ms=2) as (client, app):
+        load = [asyncio.create_task(client.post("/predict", files=files)) for _ in range(30)]
+        await asyncio.sleep(0.05)
+        assert (await client.post("/reset")).status_code == 401
+        assert (await client.post("/reset", headers={"Authorization": "Bearer wrong"})).status_code == 403
+        during = await client.post("/reset", headers={"Authorization": "Bearer s3cret"})
+        answers = await asyncio.gather(*load)
+        assert during.status_code == 200 and during.json()["reset"] is True
+        assert [a.status_code for a in answers] == [200] * 30
+        assert (await client.post("/reset", headers={"Authorization": "Bearer s3cret"})).status_code == 200
+        status = (await client.get("/v1/status")).json()["adaptation"]
+        served = app.state.service.worker.engine
+    assert status["resets"]["manual"] == 2 and status["steps_since_reset"] == 0
+    model, settings = load_checkpoint(model_path)[0], served.settings
+    assert_same_state(served, AdaptationEngine(model, 10, settings, CPU))
+
+
+def test_entropy_is_zero_for_certain_and_log_c_for_uniform() -> None:
+    certain = torch.tensor([[100.0, 0.0, 0.0]])
+    uniform = torch.zeros(1, 3)
+    assert float(softmax_entropy(certain)) == pytest.approx(0, abs=1e-6)
+    assert float(softmax_entropy(uniform)) == pytest.approx(np.log(3), abs=1e-6)
