@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from app.main import create_app  # after the settings are known good: importing torch takes a while
 
+    # uvicorn drains gracefully on SIGTERM, then re-raises the signal it caught, which would end the process
+    # as "killed" (143); a handler installed first is the one it restores, so a drained server exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -56,7 +56,13 @@ def build_service(settings: Settings) -> Service:
     ledger = PredictionLedger(
         card.num_classes, settings.ledger_size, settings.ledger_max_age_s, settings.prequential_window
     )
-    metrics = ServiceMetrics(ledger, lambda: worker.snapshot, lambda: batcher.queued_images, settings.shadow_source)
+    metrics = ServiceMetrics(
+        ledger,
+        lambda: worker.snapshot,
+        lambda: batcher.queued_images,
+        settings.max_queue_images,
+        settings.shadow_source,
+    )
 
     def observe_batch(size: int, wait_s: float) -> None:
         metrics.batch_size.observe(size)

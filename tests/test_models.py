@@ -49,10 +49,13 @@ def test_registry_builds_every_architecture() -> None:
     )
     assert len(torchvision_architectures()) > 50
     for name in names:
-        with torch.device("meta"):  # construction only: no memory for the ImageNet giants
+        try:
+            with torch.device("meta"):  # construction only: no memory for the ImageNet giants
+                model = build_model(name, num_classes=7)
+        except NotImplementedError:  # RegNets read tensor values while they are built
             model = build_model(name, num_classes=7)
-        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-        assert head.out_features == 7, name
+        classifier = list(model.parameters())[-1]  # the classifier's weight or bias is registered last
+        assert classifier.shape[0] == 7, name
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("resnet21_cifar", 10)
 
@@ -115,7 +118,7 @@ def test_foreign_formats_plain_nested_and_torchscript(tmp_path: Path) -> None:
 def test_mismatched_checkpoint_names_the_keys(akamaster: Path) -> None:
     with pytest.raises(CheckpointMismatchError, match=r"missing keys: layer2\.0\.shortcut\.0\.weight"):
         load_foreign_checkpoint(akamaster, "resnet20_cifar", 10)
-    with pytest.raises(CheckpointMismatchError, match=r"shape mismatches: linear\.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatches: linear\.bias .*linear\.weight"):
         load_foreign_checkpoint(akamaster, "resnet20_cifar_a", 100)
     state = read_foreign_state_dict(akamaster)
     assert not any(k.startswith("module.") for k in state)
@@ -143,7 +146,7 @@ def test_default_model_accuracy_equals_its_card(model_path: Path, test_zip: Path
 
 def test_a_tiny_training_run_moves_the_loss_down(shared_data: Path) -> None:
     torch.manual_seed(0)
-    data = load_zip(shared_data / "train.zip", limit_per_class=4)
+    data = load_zip(shared_data / "train.zip", limit_per_class=5)
     model = build_model("resnet20_cifar", 10)
     reinit_head(model)
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
@@ -152,5 +155,5 @@ def test_a_tiny_training_run_moves_the_loss_down(shared_data: Path) -> None:
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     rng = np.random.default_rng(0)
     card = card_for("resnet20_cifar")
-    losses = [train_epoch(model, optimizer, scheduler, data, card, 20, rng, head_only=False) for _ in range(8)]
+    losses = [train_epoch(model, optimizer, scheduler, data, card, 25, rng, head_only=False) for _ in range(15)]
     assert losses[-1] < 0.7 * losses[0], losses

@@ -19,6 +19,10 @@ from app.adaptation.guards import CollapseMonitor, relative_drift, softmax_entro
 from app.adaptation.norm import TestTimeBatchNorm, configure, set_stats_update
 from app.config import Settings
 
+# Every reason the engine counts, so that each series exists (at 0) before its first event.
+SKIP_REASONS = ("small_batch_buffered", "no_reliable_samples", "nonfinite")
+RESET_REASONS = ("manual", "drift", "collapse_entropy", "collapse_diversity", "periodic")
+
 # Collapse checks start after this many steps: the entropy EMA needs a few batches to mean anything.
 COLLAPSE_WARMUP_STEPS = 10
 
@@ -34,8 +38,8 @@ class StepResult:
 class EngineStats:
     steps_total: int = 0
     steps_since_reset: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    resets: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=lambda: Counter(dict.fromkeys(SKIP_REASONS, 0)))
+    resets: Counter = field(default_factory=lambda: Counter(dict.fromkeys(RESET_REASONS, 0)))
     last_grad_norm: float | None = None
     drift: float = 0.0
 

@@ -21,6 +21,7 @@ class CollapseMonitor:
         self.window = window
         self.entropy_ema: float | None = None
         self._probability_sums: deque[tuple[torch.Tensor, int]] = deque()
+        self._window_sum = torch.zeros(num_classes, dtype=torch.float64)
         self._window_count = 0
 
     def observe(self, logits: torch.Tensor, entropy: torch.Tensor) -> None:
@@ -29,16 +30,20 @@ class CollapseMonitor:
             self.entropy_ema = batch_entropy
         else:
             self.entropy_ema = self.ema_decay * self.entropy_ema + (1 - self.ema_decay) * batch_entropy
-        self._probability_sums.append((logits.softmax(1).sum(0).cpu(), len(logits)))
+        batch_sum = logits.softmax(1).sum(0).double().cpu()
+        self._probability_sums.append((batch_sum, len(logits)))
+        self._window_sum += batch_sum
         self._window_count += len(logits)
         while self._window_count - self._probability_sums[0][1] >= self.window:
-            self._window_count -= self._probability_sums.popleft()[1]
+            oldest, count = self._probability_sums.popleft()
+            self._window_sum -= oldest
+            self._window_count -= count
 
     def diversity(self) -> float | None:
         """Entropy (nats) of the mean prediction, once the window is full."""
         if self._window_count < self.window:
             return None
-        mean = torch.stack([s for s, _ in self._probability_sums]).sum(0) / self._window_count
+        mean = self._window_sum / self._window_count
         return float(-(mean * mean.clamp_min(1e-12).log()).sum())
 
     @property

@@ -39,7 +39,7 @@ async def parse_predict(request: Request, settings: Settings) -> tuple[list[tupl
         raise InputError(
             415,
             "unsupported_media_type",
-            "send multipart/form-data (files=...) or application/json ({\"images\": [...]}), "
+            'send multipart/form-data (files=...) or application/json ({"images": [...]}), '
             f"not {content_type or 'no content type'}",
         )
     if not files:

@@ -30,6 +30,7 @@ class ServiceMetrics:
         ledger: PredictionLedger,
         engine_snapshot: Callable[[], dict[str, Any]],
         queue_depth: Callable[[], int],
+        queue_capacity: int,
         shadow: bool,
     ) -> None:
         self.registry = CollectorRegistry()
@@ -56,6 +57,7 @@ class ServiceMetrics:
         )
         queue = Gauge("tta_queue_depth", "images waiting for a batch", registry=r)
         queue.set_function(lambda: queue_depth())
+        Gauge("tta_queue_capacity_images", "TTA_MAX_QUEUE_IMAGES: the queue bound", registry=r).set(queue_capacity)
         r.register(_AdaptationCollector(ledger, engine_snapshot, shadow))
 
 
