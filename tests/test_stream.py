@@ -1,0 +1,169 @@
+"""Tests for bench.stream: the Dirichlet order, the scenarios' streams, in-process vs HTTP agreement, and the
+command end to end (results, resume, table, CSV, plots) on a tiny stream."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.stream import (
+    SCENARIO_RESET,
+    Pool,
+    build_stream,
+    dirichlet_order,
+    ensure_corrupted,
+    load_pool,
+    main,
+    run_http,
+    run_in_process,
+    server_method,
+)
+from tests.servers import ROOT, running_server
+
+MODEL = ROOT / "models" / "default" / "cifar10_resnet20.safetensors"
+CORRUPTIONS = ["gaussian_noise", "brightness"]  # two cheap ones; the order is the standard one
+PER_CLASS = 2
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    if not MODEL.is_file():
+        reason = f"default model {MODEL} not found (it is trained by models.train)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true, so this is an error rather than a skip")
+        pytest.skip(reason)
+    return MODEL
+
+
+@pytest.fixture(scope="module")
+def cache_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("corrupted")
+    ensure_corrupted(CORRUPTIONS, 5, PER_CLASS, cache, shared_data / "test.zip")
+    return cache
+
+
+@pytest.fixture(scope="module")
+def pool(cache_dir: Path, shared_data: Path) -> Pool:
+    paths = ensure_corrupted(CORRUPTIONS, 5, PER_CLASS, cache_dir, shared_data / "test.zip")  # cached by now
+    return load_pool(paths, PER_CLASS, with_payloads=True)
+
+
+def _repeat_fraction(labels: np.ndarray) -> float:
+    """Fraction of consecutive pairs with the same label: about 1/C for a shuffle, near 1 for long bursts."""
+    return float(np.mean(labels[1:] == labels[:-1]))
+
+
+def test_dirichlet_order_is_a_class_correlated_permutation() -> None:
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 100))
+    order = dirichlet_order(labels, 0.1, np.random.default_rng(1))
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    assert np.array_equal(order, dirichlet_order(labels, 0.1, np.random.default_rng(1)))  # seeded
+    correlated = _repeat_fraction(labels[order])
+    shuffled = _repeat_fraction(labels[np.random.default_rng(2).permutation(len(labels))])
+    assert shuffled < 0.2
+    assert correlated > 0.6, correlated
+
+
+def _synthetic_pool(domains: int = 3, per_domain: int = 40) -> Pool:
+    n = domains * per_domain
+    return Pool(
+        images=torch.zeros(n, 3, 2, 2, dtype=torch.uint8),
+        labels=np.tile(np.arange(10), n // 10),
+        domain=np.repeat(np.arange(domains), per_domain),
+        names=[f"d{i}" for i in range(domains)],
+        class_names=[str(i) for i in range(10)],
+        payloads=None,
+    )
+
+
+def test_scenarios_are_permutations_with_the_right_structure() -> None:
+    pool = _synthetic_pool()
+    streams = {s: build_stream(s, pool, seed=0) for s in ("reset", "continual", "correlated", "mixed")}
+    for stream in streams.values():
+        assert sorted(stream.order.tolist()) == list(range(len(pool.labels)))
+    # reset and continual: the same order, domains one after another; only reset has one segment per domain
+    assert np.array_equal(streams["reset"].order, streams["continual"].order)
+    assert streams["reset"].segments == [(0, 40), (40, 80), (80, 120)]
+    assert streams["continual"].segments == [(0, 120)]
+    assert [b for b, _ in streams["correlated"].boundaries()] == [0, 40, 80]
+    assert np.array_equal(streams["correlated"].domain, np.repeat(np.arange(3), 40))
+    assert streams["mixed"].boundaries() == []
+    assert len(np.flatnonzero(np.diff(streams["mixed"].domain))) > 10  # interleaved
+    assert np.array_equal(build_stream("mixed", pool, seed=0).order, streams["mixed"].order)  # seeded
+
+
+def test_server_method_names_the_configuration() -> None:
+    guards = {"reliable": True, "min_batch": True, "grad_clip": True, "min_batch_size": 16}
+    assert server_method({"method": "tent", "adaptation": {"guards": guards}}) == "default"
+    off = {k: (False if isinstance(v, bool) else v) for k, v in guards.items()}
+    assert server_method({"method": "tent", "adaptation": {"guards": off}}) == "tent-faithful"
+    assert server_method({"method": "tent", "adaptation": {"guards": {**off, "reliable": True}}}) == "tent-custom"
+    assert server_method({"method": "norm", "adaptation": {"guards": guards}}) == "norm"
+
+
+def test_in_process_and_http_give_the_same_predictions(pool: Pool, model_path: Path) -> None:
+    """Concurrency 1 and images per request = the server's max batch size: the server forms the in-process
+    batches exactly (the reset scenario adds a short batch per domain and a POST /reset between domains)."""
+    env = {
+        "TTA_METHOD": "tent",
+        "TTA_MAX_BATCH_SIZE": str(BATCH),
+        "TTA_MAX_WAIT_MS": "50",
+        "TTA_MODEL": str(model_path),
+        "TTA_DEVICE": "cpu",
+    }
+    with running_server(env=env) as (url, _):
+        for scenario in ("continual", "reset"):
+            stream = build_stream(scenario, pool, seed=0)
+            local = run_in_process(stream, "default", BATCH, model_path, device="cpu")
+            remote = run_http(stream, url, images_per_request=BATCH, concurrency=1)
+
+            assert local.extra["engine"]["steps_total"] > 0, "the stream should make the model adapt"
+            assert np.array_equal(local.predictions, remote.predictions), scenario
+            correct = int((local.predictions == stream.labels).sum())
+            server = remote.extra["server_prequential"]
+            assert (server["labels"], server["correct"]) == (len(stream), correct), scenario
+            assert local.resets == remote.resets, scenario
+            assert remote.extra["requests"] == sum(-(-(e - s) // BATCH) for s, e in stream.segments)
+    assert [r["reason"] for r in local.resets] == [SCENARIO_RESET]
+
+
+def test_command_end_to_end_writes_report_and_resumes(
+    tmp_path: Path, cache_dir: Path, shared_data: Path, model_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    argv = [
+        "--profile", "quick", "--limit-per-class", str(PER_CLASS), "--corruptions", ",".join(CORRUPTIONS),
+        "--scenarios", "continual,correlated", "--methods", "none,default", "--batch-sizes", str(BATCH),
+        "--model", str(model_path), "--device", "cpu", "--data", str(shared_data / "test.zip"),
+        "--cache-dir", str(cache_dir), "--results-dir", str(results), "--copy-to", str(docs),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    runs = sorted(p.name for p in (results / "runs").glob("*.json"))
+    assert runs == [f"{s}-b{BATCH}-{m}.json" for s in ("continual", "correlated") for m in ("default", "none")]
+    record = json.loads((results / "runs" / f"continual-b{BATCH}-default.json").read_text())
+    assert list(record["per_corruption_error"]) == CORRUPTIONS
+    assert record["images"] == 2 * 10 * PER_CLASS
+    assert record["mean_error"] == pytest.approx(np.mean(list(record["per_corruption_error"].values())), abs=1e-3)
+    assert [b[1] for b in record["boundaries"]] == CORRUPTIONS
+    assert {"wall_s", "resets", "window_errors", "correct_bits", "settings"} <= set(record)
+
+    table = (results / "accuracy.md").read_text()
+    assert f"### continual, batch {BATCH}" in table and f"### correlated, batch {BATCH}" in table
+    assert "| none |" in table and "| default |" in table and "| gauss | brit | **mean** |" in table
+    rows = (results / "accuracy.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4 and rows[0].startswith("scenario,batch_size,method")
+    for scenario in ("continual", "correlated"):
+        png = results / f"{scenario}-b{BATCH}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (docs / png.name).is_file()
+    assert (docs / "accuracy.md").read_text() == table
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (results / "runs").glob("*.json")}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("skip ") == 4
+    assert {p: p.stat().st_mtime_ns for p in (results / "runs").glob("*.json")} == mtimes
