@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: serve test test-slow lint install prometheus docker-test docker-lock
+.PHONY: serve test lint install prometheus docker-test docker-lock
 
 # The integration tests run a real Prometheus server (Debian package `prometheus`, which brings promtool).
 # Installed here when missing and apt-get can be used; elsewhere those tests skip and say why.
@@ -28,10 +28,7 @@ serve: $(STAMP)
 
 test: $(STAMP) prometheus
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow"
-
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
