@@ -620,7 +620,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         for r in group:
             cells = [f"{r['per_corruption_error'].get(n, float('nan')):.1f}" for n in names]
             lines.append(
-                f"| {r['method']} | " + " | ".join(cells) + f" | **{r['mean_error']:.1f}** | {_guard_resets(r)} "
+                f"| {r['method']} | " + " | ".join(cells) + f" | **{r['mean_error']:.2f}** | {_guard_resets(r)} "
                 f"| {r['wall_s']:.0f} |"
             )
         lines.append("")
@@ -690,9 +690,13 @@ def _parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.stream",
-        description="Prequential error of none / norm / tent-faithful / default (guarded tent) on CIFAR-10-C "
-        "streams (reset, continual, correlated, mixed), in-process; or, with --http, of whatever method a "
-        "running server is configured with (TTA_METHOD and its guards): the server evaluates one method.",
+        description=(
+            "Prequential error on CIFAR-10-C streams (scenarios reset, continual, correlated, mixed).\n"
+            "In-process (default): the methods none, norm, tent-faithful and default (guarded tent) side by side.\n"
+            "With --http URL: ONE method, whatever the running server is configured with (TTA_METHOD and its\n"
+            "guards); --methods is then ignored and the run is saved as http-<method>. The server forms the batches\n"
+            "(TTA_MAX_BATCH_SIZE); --batch-sizes names the run and sets --images-per-request when that is not given."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Results: bench/results/<profile>/runs/*.json (one per run, skipped when present), accuracy.md, "
         "accuracy.csv and <scenario>-b<B>.png.",

@@ -251,7 +251,7 @@ class AdaptationEngine:
             "guards": {
                 **s.guards(),
                 "reliable_entropy": s.reliable_entropy,
-                "min_batch": s.min_batch,
+                "min_batch_size": s.min_batch,
                 "stats_horizon": s.stats_horizon,
                 "grad_clip_norm": s.grad_clip_norm,
                 "collapse_entropy": s.collapse_entropy,
