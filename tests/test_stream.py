@@ -2,7 +2,6 @@
 command end to end (results, resume, table, CSV, plots) on a tiny stream."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +20,11 @@ from bench.stream import (
     run_in_process,
     server_method,
 )
-from tests.servers import ROOT, running_server
+from tests.servers import running_server
 
-MODEL = ROOT / "models" / "default" / "cifar10_resnet20.safetensors"
 CORRUPTIONS = ["gaussian_noise", "brightness"]  # two cheap ones; the order is the standard one
 PER_CLASS = 2
 BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    if not MODEL.is_file():
-        reason = f"default model {MODEL} not found (it is trained by models.train)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true, so this is an error rather than a skip")
-        pytest.skip(reason)
-    return MODEL
 
 
 @pytest.fixture(scope="module")
