@@ -24,6 +24,7 @@ import ipaddress
 import json
 import math
 import random
+import ssl
 import sys
 import time
 import uuid
@@ -212,12 +213,20 @@ async def _send(client: httpx.AsyncClient, target: str, body: tuple[str, bytes])
         return type(error).__name__
 
 
+_SSL_CONTEXT: ssl.SSLContext | None = None
+
+
 def _client(timeout_s: float) -> httpx.AsyncClient:
     """One keep-alive connection per client. httpx's shared pool costs O(connections) CPU per request: with 64
     connections in one pool the generator burned ~13 ms of CPU per request (a saturated core at ~75 req/s) where
-    64 single-connection clients spend ~1.5 ms each, so every simulated user gets its own client."""
+    64 single-connection clients spend ~1.5 ms each, so every simulated user gets its own client. They share one
+    SSL context: httpx builds (and loads CA certificates into) a new one per client otherwise, ~20-40 ms of CPU
+    each, which made the open loop's generator the bottleneck whenever it had to add clients."""
+    global _SSL_CONTEXT
+    if _SSL_CONTEXT is None:
+        _SSL_CONTEXT = ssl.create_default_context()
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    return httpx.AsyncClient(limits=limits, timeout=timeout_s, trust_env=False)
+    return httpx.AsyncClient(limits=limits, timeout=timeout_s, trust_env=False, verify=_SSL_CONTEXT)
 
 
 async def closed_loop(

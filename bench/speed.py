@@ -206,7 +206,8 @@ def drive(server: Server, pinned: bool, workdir: Path, *, retries: int = 3, quie
         report["contended"] = report["other_cpu"] > QUIET_CORES + 0.1  # + the generator's own start-up
         if not report["contended"]:
             break
-        print(f"  (other work used {report['other_cpu']:.2f} cores during the run: retrying)", flush=True)
+        if attempt <= retries:
+            print(f"  (other work used {report['other_cpu']:.2f} cores during the run: retrying)", flush=True)
     return report
 
 
@@ -265,7 +266,9 @@ def _drive_once(
 # ----- the run -----
 
 
-def run_limit(model: Path, pinned: bool, quick: bool, workdir: Path) -> dict:
+def run_limit(
+    model: Path, pinned: bool, quick: bool, workdir: Path, quiet_wait_s: float = 300, retries: int = 2
+) -> dict:
     out = workdir / f"limit-{'pinned' if pinned else 'unpinned'}.json"
     argv = [PY, "-m", "bench.limit", "--model", str(model), "--json", str(out)]
     argv += (
@@ -277,8 +280,8 @@ def run_limit(model: Path, pinned: bool, quick: bool, workdir: Path) -> dict:
         argv = ["taskset", "-c", "0", *argv, "--threads", "1"]
     import resource
 
-    for attempt in range(1, 4):
-        wait_for_quiet(5 if quick else 300)
+    for attempt in range(1, retries + 2):
+        wait_for_quiet(quiet_wait_s)
         own0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_busy_seconds(), time.monotonic()
         subprocess.run(argv, cwd=ROOT, check=True, timeout=1800, capture_output=True)
         own1, busy1, t1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_busy_seconds(), time.monotonic()
@@ -288,14 +291,15 @@ def run_limit(model: Path, pinned: bool, quick: bool, workdir: Path) -> dict:
         result.update(other_cpu=round(other, 3), attempts=attempt, contended=other > QUIET_CORES)
         if not result["contended"]:
             break
-        print(f"  (other work used {other:.2f} cores during the limit: retrying)", flush=True)
+        if attempt <= retries:
+            print(f"  (other work used {other:.2f} cores during the limit: retrying)", flush=True)
     return result
 
 
 def run_placement(args: argparse.Namespace, pinned: bool, workdir: Path, model: Path) -> dict:
     placement = "pinned" if pinned else "unpinned"
     print(f"== {placement}: in-process limit", flush=True)
-    limit = run_limit(model, pinned, args.quick, workdir)
+    limit = run_limit(model, pinned, args.quick, workdir, args.quiet_wait, args.retries)
     from bench.limit import table as limit_table
 
     print(limit_table(limit), flush=True)
@@ -309,6 +313,7 @@ def run_placement(args: argparse.Namespace, pinned: bool, workdir: Path, model: 
                     pinned,
                     workdir,
                     quiet_wait_s=args.quiet_wait,
+                    retries=args.retries,
                     closed=c,
                     requests=args.requests,
                     duration_s=args.duration,
@@ -317,6 +322,13 @@ def run_placement(args: argparse.Namespace, pinned: bool, workdir: Path, model: 
                 report["placement"] = placement
                 closed.append(report)
                 print(_row(report), flush=True)
+    if args.reuse:  # rows of servers not re-run here, from an earlier speed.json of the same placement
+        earlier = json.loads(Path(args.reuse).read_text())
+        for run in earlier["placements"]:
+            if run["placement"] == placement:
+                kept = [dict(r, reused_from=str(args.reuse)) for r in run["closed"] if r["server"] not in args.servers]
+                closed.extend(kept)
+                print(f"  reused {len(kept)} closed-loop rows from {args.reuse}", flush=True)
     open_runs: list[dict] = []
     saturated = max((r["images_per_s"] for r in closed if r["server"] == "ours-tent"), default=None)
     if saturated and args.open_fractions:
@@ -329,6 +341,7 @@ def run_placement(args: argparse.Namespace, pinned: bool, workdir: Path, model: 
                     pinned,
                     workdir,
                     quiet_wait_s=args.quiet_wait,
+                    retries=args.retries,
                     rate=rate,
                     requests=max(10, int(rate * args.open_duration * 1.5)),
                     duration_s=args.open_duration,
@@ -457,7 +470,8 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {LABELS[r['server']]} | {r['concurrency']} | {r['images_per_s']:.0f} | {lat['p50']:.1f} "
                 f"| {lat['p99']:.1f} | {batch} | {r['server_cpu']:.2f} | {r['client_cpu']:.2f} "
-                f"| {r.get('other_cpu', 0):.2f}{' (contended)' if r.get('contended') else ''} | {errors} |"
+                f"| {r.get('other_cpu', 0):.2f}{' (contended)' if r.get('contended') else ''}"
+                f"{' (earlier run)' if r.get('reused_from') else ''} | {errors} |"
             )
         if placement["open"]:
             lines += ["", "Open loop, ours (tent), Poisson arrivals:", ""]
@@ -738,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-fractions", default="0.1,0.25,0.5,0.75,0.9")
     parser.add_argument("--open-duration", type=float, default=15.0)
     parser.add_argument("--quiet-wait", type=float, default=300, help="max s to wait for other jobs before a run")
+    parser.add_argument("--reuse", type=Path, help="earlier speed.json: keep its rows for servers not run now")
+    parser.add_argument("--retries", type=int, default=2, help="re-runs of a run that other jobs disturbed")
     parser.add_argument("--profile", action="store_true", help="py-spy ours (tent) at saturation")
     parser.add_argument("--quick", action="store_true", help="smoke: tiny bounds, concurrency 1 and 8")
     parser.add_argument("--out", type=Path, default=None, help=f"default {RESULTS} ({RESULTS}-quick with --quick)")
