@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from app.api.parsing import split_multipart
+from app.api.schemas import PredictResponse
 from app.serving.preprocess import ImageLimits, decode_all
 from models.checkpoint import load_checkpoint
 from models.data import normalize
@@ -49,6 +51,9 @@ async def test_predict_matches_the_model_called_directly(model_path: Path, jpeg_
     async with in_process_client(model=model_path, method="none") as (client, _):
         response = await client.post("/predict", **multipart([(n, d) for n, d, _ in picked]))
     assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    # the route serialises its answer itself: it must still be exactly the documented PredictResponse
+    assert PredictResponse.model_validate(response.json(), strict=True).model_dump() == response.json()
     predictions = response.json()["predictions"]
     model, card = load_checkpoint(model_path)
     images = decode_all([(n, d) for n, d, _ in picked], card.input_size, ImageLimits(10**7, 10**7))
@@ -121,8 +126,38 @@ BAD_INPUTS = {
     ),
     "labels_not_integers": ({**multipart([("a.png", make_png())], labels="cat")}, 422, "invalid_labels"),
     "too_many_files": ({**multipart([(f"{i}.png", make_png(seed=i)) for i in range(5)])}, 413, "too_many_files"),
+    "files_as_text_fields": (
+        {"files": [("other", ("a.png", make_png(), "image/png"))], "data": {"files": "not a file"}},
+        422,
+        "files_not_files",
+    ),
+    "multipart_without_boundary": (
+        {"content": b"--x\r\n\r\n--x--\r\n", "headers": {"content-type": "multipart/form-data"}},
+        400,
+        "malformed_multipart",
+    ),
+    "multipart_cut_short": (
+        {
+            "content": b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n' + make_png(),
+            "headers": {"content-type": "multipart/form-data; boundary=x"},
+        },
+        400,
+        "malformed_multipart",
+    ),
     "too_many_bytes": ({**multipart([("big.png", make_png(400, 400))])}, 413, "request_too_large"),
 }
+
+
+def test_multipart_split_follows_rfc_2046() -> None:
+    # a preamble, a quoted boundary, a filename with a semicolon, an epilogue, and a part that contains CRLFs
+    body = (
+        b"ignored preamble\r\n--b0\r\n"
+        b'Content-Disposition: form-data; name="files"; filename="a;b.png"\r\nContent-Type: image/png\r\n\r\n'
+        b"\x89PNG\r\n\r\nbytes\r\n--b0\r\n"
+        b'content-disposition: form-data; name="labels"\r\n\r\n3\r\n--b0--\r\nepilogue'
+    )
+    parts = split_multipart(body, 'multipart/form-data; boundary="b0"', max_files=4)
+    assert parts == [("files", "a;b.png", b"\x89PNG\r\n\r\nbytes"), ("labels", None, b"3")]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

@@ -1,5 +1,6 @@
 """HTTP routes: thin; they parse, hand images to the batcher, and shape the answer."""
 
+import json
 import secrets
 import time
 import uuid
@@ -63,7 +64,7 @@ def _service(request: Request) -> Any:
     openapi_extra=PREDICT_BODY,
     summary="Classify one or more images (prediction first, then the model adapts on the batch)",
 )
-async def predict(request: Request) -> dict[str, Any]:
+async def predict(request: Request) -> Response:
     service = _service(request)
     settings, card = service.settings, service.card
     started = time.monotonic()
@@ -101,7 +102,10 @@ async def predict(request: Request) -> dict[str, Any]:
     if result.offset == 0:  # one request per batch reports the batch's phases
         for phase, seconds in out.seconds.items():
             service.metrics.batch_duration.labels(phase).observe(seconds)
-    return {"predictions": predictions, "adaptation_step": out.step}
+    # Serialised here rather than validated against PredictResponse by FastAPI: the shape is fixed above, and
+    # validating it per request cost a tenth of the server's CPU at saturation (docs/BENCHMARKS.md, speed).
+    body = json.dumps({"predictions": predictions, "adaptation_step": out.step}, separators=(",", ":"))
+    return Response(body, media_type="application/json")
 
 
 @router.post(

@@ -68,7 +68,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         403: "admin route with a wrong token",
         404: "unknown or expired prediction id",
         409: "the prediction already has a label",
-        413: "too many bytes, files or pixels (request_too_large, image_too_large, too_many_files, too_many_pixels)",
+        413: "too many bytes, files, fields or pixels (request_too_large, image_too_large, too_many_files, "
+        "too_many_fields, too_many_pixels)",
         415: "the body is neither multipart/form-data nor JSON, or the image format is not accepted",
         422: "invalid fields: labels out of range or not one per image, no images",
         503: "queue full or shutting down; retry after Retry-After seconds",
