@@ -229,6 +229,13 @@ def _client(timeout_s: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=limits, timeout=timeout_s, trust_env=False, verify=_SSL_CONTEXT)
 
 
+def _tally(status: int | str, since: float, statuses: Counter, latencies: list[float]) -> None:
+    """Count the answer's status; a 2xx answer also gives a latency, from `since`."""
+    statuses[status] += 1
+    if isinstance(status, int) and 200 <= status < 300:
+        latencies.append(time.perf_counter() - since)
+
+
 async def closed_loop(
     url: str,
     bodies: list[tuple[str, bytes]],
@@ -260,10 +267,7 @@ async def closed_loop(
                 body = bodies[issued % len(bodies)]
                 issued += 1
                 sent = time.perf_counter()
-                status = await _send(client, target, body)
-                statuses[status] += 1
-                if isinstance(status, int) and 200 <= status < 300:
-                    latencies.append(time.perf_counter() - sent)
+                _tally(await _send(client, target, body), sent, statuses, latencies)
 
     await asyncio.gather(*(one_client() for _ in range(concurrency)))
     return latencies, statuses, time.perf_counter() - start, stopped["by"]
@@ -301,9 +305,7 @@ async def open_loop(
             status = await _send(client, target, body)
         finally:
             idle.append(client)
-        statuses[status] += 1
-        if isinstance(status, int) and 200 <= status < 300:
-            latencies.append(time.perf_counter() - scheduled)
+        _tally(status, scheduled, statuses, latencies)
 
     start = time.perf_counter()
     try:

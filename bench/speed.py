@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -540,11 +541,7 @@ def plots(result: dict, out: Path) -> list[Path]:
         ax.set_title(f"throughput vs concurrency ({placement['placement']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "throughput.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, out / "throughput.png"))
 
     with_open = [p for p in placements if p["open"]]
     if with_open:
@@ -564,12 +561,17 @@ def plots(result: dict, out: Path) -> list[Path]:
             ax.set_title(f"ours (tent): latency vs offered load ({placement['placement']})")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / "latency_vs_load.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / "latency_vs_load.png"))
     return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # ----- profile -----
