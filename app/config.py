@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     drift_max: float = Field(
         0.5, gt=0, description="reset when ||theta - theta_source|| / ||theta_source|| passes this"
     )
+    guard_anchor: bool = Field(True, description="after every step, pull the adapted parameters toward the source")
+    anchor_rate: float = Field(
+        0.01, gt=0, le=1, description="fraction of the way back to the source parameters after every step"
+    )
     reset_every_steps: int = Field(0, ge=0, description="periodic reset; 0 = off")
 
     # --- evaluation ---
@@ -97,4 +101,4 @@ class Settings(BaseSettings):
         return self.model_copy(update={f"guard_{name}": False for name in GUARDS})
 
 
-GUARDS = ("reliable", "min_batch", "grad_clip", "nonfinite", "collapse", "drift")
+GUARDS = ("reliable", "min_batch", "grad_clip", "nonfinite", "anchor", "collapse", "drift")

@@ -236,6 +236,17 @@ def test_gradient_clipping_bounds_the_step(source, clean) -> None:
     assert float(moved) <= 1e-3 * 1.0001
 
 
+def test_anchor_pulls_the_parameters_back_toward_the_source(source, clean) -> None:
+    x, _ = clean
+    free, anchored, pinned = engine(source, guard_anchor=False), engine(source), engine(source, anchor_rate=1.0)
+    for i in range(8):
+        for e in (free, anchored, pinned):
+            e.step(x[64 * i : 64 * (i + 1)])
+    assert 0 < anchored.stats.drift < free.stats.drift
+    # a full pull undoes every step: the parameters stay the source's, only the test statistics adapt
+    assert pinned.stats.steps_total == 8 and pinned.stats.drift == 0.0
+
+
 def test_periodic_reset(source, clean) -> None:
     x, _ = clean
     e = engine(source, reset_every_steps=3)

@@ -160,6 +160,14 @@ class AdaptationEngine:
         if last_good is not None and not all(torch.isfinite(p).all() for p in self.params):
             self._rollback(last_good)
             return False
+        if self.settings.guard_anchor:
+            # Entropy minimisation keeps pushing in the direction it found, and Adam's steps do not shrink as the
+            # gradient does: left alone the parameters drift for as long as the stream lasts and errors pile up
+            # (TENT's failure on long streams). A constant pull back makes the drift settle where the pull
+            # balances the push, which is CoTTA's stochastic restore (p = 0.01) in expectation.
+            with torch.no_grad():
+                for param, source in zip(self.params, self._source_params, strict=True):
+                    param.lerp_(source, self.settings.anchor_rate)
         self.stats.steps_total += 1
         self.stats.steps_since_reset += 1
         return True
@@ -254,6 +262,7 @@ class AdaptationEngine:
                 "min_batch_size": s.min_batch,
                 "stats_horizon": s.stats_horizon,
                 "grad_clip_norm": s.grad_clip_norm,
+                "anchor_rate": s.anchor_rate,
                 "collapse_entropy": s.collapse_entropy,
                 "collapse_diversity": s.collapse_diversity,
                 "diversity_window": s.diversity_window,
