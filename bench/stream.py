@@ -790,14 +790,15 @@ def _config(args: argparse.Namespace, per_class: int | None, corruptions: list[s
     }
 
 
-def _reusable(path: Path, config: dict[str, Any]) -> bool:
+def _reusable(path: Path, config: dict[str, Any], settings: dict[str, Any] | None) -> bool:
+    """Whether the saved run used this data, seed, model and (in-process) these adaptation settings."""
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    if all(record.get(k) == v for k, v in config.items()):
+    if all(record.get(k) == v for k, v in config.items()) and (settings is None or record.get("settings") == settings):
         return True
-    print(f"{path.name}: saved with other settings (profile, data, seed or model); running again", flush=True)
+    print(f"{path.name}: saved with other settings (data, seed, model or method); running again", flush=True)
     return False
 
 
@@ -866,7 +867,11 @@ def run_plans(
     todo = []
     for plan in plans:
         path = run_path(results_dir, plan.scenario, plan.method, plan.batch_size)
-        if path.exists() and not args.force and _reusable(path, config):
+        # `none` keeps no state, so only the data and the model make its run (the config); the others also depend
+        # on every adaptation setting
+        stateful = args.http is None and plan.method != "none"
+        settings = _adaptation_settings(method_settings(plan.method, model, args.device)) if stateful else None
+        if path.exists() and not args.force and _reusable(path, config, settings):
             print(f"skip {path.name} (saved)", flush=True)
         else:
             todo.append((plan, path))

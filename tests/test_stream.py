@@ -120,7 +120,12 @@ def test_in_process_and_http_give_the_same_predictions(pool: Pool, model_path: P
 
 
 def test_command_end_to_end_writes_report_and_resumes(
-    tmp_path: Path, cache_dir: Path, shared_data: Path, model_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path,
+    cache_dir: Path,
+    shared_data: Path,
+    model_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     results, docs = tmp_path / "results", tmp_path / "docs"
     argv = [
@@ -155,3 +160,10 @@ def test_command_end_to_end_writes_report_and_resumes(
     assert main(argv) == 0
     assert capsys.readouterr().out.count("skip ") == 4
     assert {p: p.stat().st_mtime_ns for p in (results / "runs").glob("*.json")} == mtimes
+
+    # another adaptation setting makes the saved runs of the adapting method stale, and only those
+    monkeypatch.setenv("TTA_ANCHOR_RATE", "0.5")
+    assert main([*argv, "--scenarios", "continual"]) == 0
+    assert capsys.readouterr().out.count("skip ") == 1
+    rerun = json.loads((results / "runs" / f"continual-b{BATCH}-default.json").read_text())
+    assert rerun["settings"]["anchor_rate"] == 0.5
