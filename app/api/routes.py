@@ -102,8 +102,8 @@ async def predict(request: Request) -> Response:
     if result.offset == 0:  # one request per batch reports the batch's phases
         for phase, seconds in out.seconds.items():
             service.metrics.batch_duration.labels(phase).observe(seconds)
-    # Serialised here rather than validated against PredictResponse by FastAPI: the shape is fixed above, and
-    # validating it per request cost a tenth of the server's CPU at saturation (docs/BENCHMARKS.md, speed).
+    # Serialised here rather than validated against PredictResponse by FastAPI: the shape is fixed above, and that
+    # validation was among the largest non-model costs in the saturation profile (docs/BENCHMARKS.md, speed).
     body = json.dumps({"predictions": predictions, "adaptation_step": out.step}, separators=(",", ":"))
     return Response(body, media_type="application/json")
 
