@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     steps_per_batch: int = Field(1, ge=1, le=100)
     stats_horizon: int = Field(
-        256, ge=1, description="samples over which the running test statistics average (small-batch guard)"
+        2560, ge=1, description="images over which the class-balanced test statistics average (small-batch guard)"
     )
     guard_reliable: bool = Field(True, description="adapt only on samples with entropy < reliable_entropy * ln C")
     reliable_entropy: float = Field(0.4, gt=0, le=1)

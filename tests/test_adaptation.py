@@ -216,14 +216,33 @@ def test_small_batches_are_buffered_and_never_normalised_alone(source, clean) ->
     assert e.stats.skipped["small_batch_buffered"] == 3 and e.stats.steps_total == 0
     e.step(x[12:16])
     assert e.stats.steps_total == 1 and not e._buffer
-    # A single image's prediction depends on the running statistics, not on that image alone.
+    # A single image is normalised with the running statistics and joins only its predicted class's estimate,
+    # with the weight one image has over that class's share of the horizon.
     bn = next(m for m in e.adapted.modules() if isinstance(m, norm.TestTimeBatchNorm))
-    before = bn.test_mean.clone()
-    e.step(x[16:17])
-    share = 1 / e.settings.stats_horizon
-    alone = x[16:17]
-    assert not torch.allclose(bn.test_mean, before)
-    assert (bn.test_mean - before).abs().max() <= share * (alone.abs().max() + before.abs().max()) * 10
+    seen: list[torch.Tensor] = []
+    hook = bn.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().mean((0, 2, 3))))
+    before = bn.class_mean.clone()
+    predicted = int(e.step(x[16:17]).logits.argmax())
+    hook.remove()
+    changed = (bn.class_mean != before).any(1).nonzero().flatten().tolist()
+    assert changed == [predicted]
+    share = 10 / e.settings.stats_horizon
+    assert torch.allclose(bn.class_mean[predicted], torch.lerp(before[predicted], seen[0], share), atol=1e-6)
+
+
+def test_one_class_stream_moves_only_its_predicted_classes_statistics(source, clean) -> None:
+    """Hundreds of images of one class in a row (a class-sorted stream) must not become the test statistics."""
+    x, y = clean
+    cats = x[y == 3]
+    e = engine(source, method="norm")
+    layers = [m for m in e.adapted.modules() if isinstance(m, norm.TestTimeBatchNorm)]
+    source_means = [layer.class_mean.clone() for layer in layers]
+    predicted = torch.cat([e.step(cats[i : i + 20]).logits.argmax(1) for i in range(0, len(cats), 20)])
+    never_predicted = sorted(set(range(10)) - set(predicted.tolist()))
+    assert never_predicted, "every class was predicted: the stream does not test the balance"
+    for layer, start in zip(layers, source_means, strict=True):
+        assert torch.equal(layer.class_mean[never_predicted], start[never_predicted])
+    assert any(not torch.equal(layer.class_mean, start) for layer, start in zip(layers, source_means, strict=True))
 
 
 def test_gradient_clipping_bounds_the_step(source, clean) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from app.adaptation.guards import CollapseMonitor, relative_drift, softmax_entropy
-from app.adaptation.norm import TestTimeBatchNorm, configure, set_stats_update
+from app.adaptation.norm import TestTimeBatchNorm, commit_statistics, configure, set_stats_update
 from app.config import Settings
 
 # Every reason the engine counts, so that each series exists (at 0) before its first event.
@@ -57,7 +57,10 @@ class AdaptationEngine:
         self.norm_kind = "none"
         if settings.method != "none":
             configured = configure(
-                self.source, robust_stats=settings.guard_min_batch, stats_horizon=settings.stats_horizon
+                self.source,
+                robust_stats=settings.guard_min_batch,
+                stats_horizon=settings.stats_horizon,
+                num_classes=num_classes,
             )
             self.adapted, self.params, self.norm_kind = configured.model, configured.params, configured.norm_kind
         self._initial_state = self._adaptable_state()
@@ -79,19 +82,19 @@ class AdaptationEngine:
         if self.settings.method == "norm":
             with torch.no_grad():
                 logits = self.adapted(x)
-            self._finite(logits, last_good)
+            self._predicted(logits, last_good)
             return StepResult(logits, shadow, self.stats.steps_since_reset)
 
         small = self.settings.guard_min_batch and len(x) < self.settings.min_batch
         if small:
             with torch.no_grad():
                 logits = self.adapted(x)
-            if self._finite(logits, last_good):
+            if self._predicted(logits, last_good):
                 self._buffer_and_maybe_adapt(x)
         else:
             with torch.enable_grad():
                 logits = self.adapted(x)
-                if self._finite(logits.detach(), last_good):
+                if self._predicted(logits.detach(), last_good):
                     self._adapt(x, logits, last_good)
         logits = logits.detach()
         if torch.isfinite(logits).all():
@@ -172,14 +175,16 @@ class AdaptationEngine:
         self.stats.steps_since_reset += 1
         return True
 
-    # ----- guards -----
+    def _predicted(self, logits: torch.Tensor, last_good: dict | None) -> bool:
+        """After the prediction: a finite one lets the batch into the test statistics under its predicted classes;
+        a non-finite one means the input or the state holds something non-finite, so roll back."""
+        if last_good is not None and not bool(torch.isfinite(logits).all()):
+            self._rollback(last_good)
+            return False
+        commit_statistics(self.adapted, logits.argmax(1))
+        return True
 
-    def _finite(self, logits: torch.Tensor, last_good: dict | None) -> bool:
-        """Non-finite outputs mean the statistics took in something non-finite: roll back."""
-        if last_good is None or bool(torch.isfinite(logits).all()):
-            return True
-        self._rollback(last_good)
-        return False
+    # ----- guards -----
 
     def _rollback(self, last_good: dict) -> None:
         self._restore(last_good)
@@ -225,8 +230,8 @@ class AdaptationEngine:
         tensors = {n: p.detach().clone() for n, p in self.adapted.named_parameters() if p.requires_grad}
         for name, module in self.adapted.named_modules():
             if isinstance(module, TestTimeBatchNorm):
-                tensors[f"{name}.test_mean"] = module.test_mean.clone()
-                tensors[f"{name}.test_sqmean"] = module.test_sqmean.clone()
+                tensors[f"{name}.class_mean"] = module.class_mean.clone()
+                tensors[f"{name}.class_sqmean"] = module.class_sqmean.clone()
         optimizer = getattr(self, "optimizer", None)
         return {"tensors": tensors, "optimizer": _clone_optimizer_state(optimizer)}
 

@@ -3,9 +3,10 @@
 TENT's recipe (Wang et al. 2021): BatchNorm normalises with test statistics and only the
 normalisation layers' affine weight and bias are trainable. BatchNorm layers are replaced by
 `TestTimeBatchNorm`, which normalises either with the current batch alone (as published) or, when
-the small-batch guard is on, with a running estimate of the test statistics that each batch
-updates in proportion to its size (so a batch of one image is never normalised by itself, and a
-class-correlated batch moves the estimate only a little; compare RoTTA's robust BN).
+the small-batch guard is on, with class-balanced running test statistics: one running estimate per
+predicted class, averaged with equal weight (RoTTA's category-balanced memory, kept as moments).
+A batch of one image is then never normalised by itself, and a stream that brings hundreds of
+images of one class in a row does not turn the statistics into that class's.
 """
 
 import copy
@@ -20,37 +21,57 @@ AFFINE_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNor
 
 
 class TestTimeBatchNorm(nn.Module):
-    """BatchNorm that normalises with test statistics: the batch's own, or a size-weighted running mix."""
+    """BatchNorm that normalises with test statistics: the batch's own, or class-balanced running ones."""
 
-    def __init__(self, bn: _BatchNorm, robust: bool, stats_horizon: int) -> None:
+    def __init__(self, bn: _BatchNorm, robust: bool, stats_horizon: int, num_classes: int) -> None:
         super().__init__()
         if bn.running_mean is None or bn.running_var is None or not bn.affine:
             raise ValueError("TestTimeBatchNorm needs a BatchNorm layer with running statistics and affine parameters")
         self.eps = bn.eps
         self.robust = robust
-        self.per_sample_momentum = 1.0 / stats_horizon
+        # stats_horizon counts images over all classes; each class's estimate sees about 1/num_classes of them.
+        self.per_sample_momentum = min(1.0, num_classes / stats_horizon)
         self.update_stats = True
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.weight = nn.Parameter(bn.weight.detach().clone())
         self.bias = nn.Parameter(bn.bias.detach().clone())
-        # The running test moments start at the source statistics: first and second moment,
-        # so that images of any batch size can be averaged in exactly.
-        self.register_buffer("test_mean", bn.running_mean.detach().clone().float())
-        self.register_buffer("test_sqmean", (bn.running_var + bn.running_mean.square()).detach().clone().float())
+        # First and second moments per class, starting at the source statistics: moments, so that any number of
+        # images can be averaged in exactly, and their mean over classes is the moments of a class-balanced mix.
+        source_mean = bn.running_mean.detach().float()
+        source_sqmean = (bn.running_var + bn.running_mean.square()).detach().float()
+        self.register_buffer("class_mean", source_mean.repeat(num_classes, 1))
+        self.register_buffer("class_sqmean", source_sqmean.repeat(num_classes, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.robust:
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-        dims = [0, *range(2, x.dim())]
-        share = 1.0 - (1.0 - self.per_sample_momentum) ** x.shape[0]
-        mean = torch.lerp(self.test_mean, x.mean(dims), share)
-        sqmean = torch.lerp(self.test_sqmean, x.square().mean(dims), share)
         if self.update_stats:
-            self.test_mean.copy_(mean.detach())
-            self.test_sqmean.copy_(sqmean.detach())
-        var = (sqmean - mean.square()).clamp_min(0.0)
+            # Which class each image belongs to is known only from the prediction this forward pass makes:
+            # its moments wait for `commit`, and the batch is normalised with the statistics of the images before it.
+            spatial = list(range(2, x.dim()))
+            flat = x.detach().float()
+            self._pending = (flat.mean(spatial), flat.square().mean(spatial))
+        mean = self.class_mean.mean(0)
+        var = (self.class_sqmean.mean(0) - mean.square()).clamp_min(0.0)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         scale = self.weight / torch.sqrt(var + self.eps)
         return x * scale.view(shape) + (self.bias - mean * scale).view(shape)
+
+    @torch.no_grad()
+    def commit(self, predicted: torch.Tensor) -> None:
+        """Average the last forward pass's images into the running moments of the classes they were predicted as."""
+        if self._pending is None:
+            return
+        means, sqmeans = self._pending
+        self._pending = None
+        finite = torch.isfinite(means).all(1) & torch.isfinite(sqmeans).all(1)
+        predicted = predicted.to(means.device)[finite]
+        counts = torch.bincount(predicted, minlength=len(self.class_mean)).to(means.dtype)
+        seen = counts > 0
+        share = (1.0 - (1.0 - self.per_sample_momentum) ** counts[seen]).unsqueeze(1)
+        for running, batch in ((self.class_mean, means[finite]), (self.class_sqmean, sqmeans[finite])):
+            sums = torch.zeros_like(running).index_add_(0, predicted, batch)
+            running[seen] = torch.lerp(running[seen], sums[seen] / counts[seen].unsqueeze(1), share)
 
 
 @dataclass
@@ -60,11 +81,11 @@ class ConfiguredModel:
     norm_kind: str  # what is adapted, for /v1/status
 
 
-def configure(source: nn.Module, robust_stats: bool, stats_horizon: int) -> ConfiguredModel:
+def configure(source: nn.Module, robust_stats: bool, stats_horizon: int, num_classes: int) -> ConfiguredModel:
     """A copy of `source` ready for adaptation; `source` itself is never modified."""
     model = copy.deepcopy(source).eval()  # eval: dropout off; our norm layers ignore the flag
     model.requires_grad_(False)
-    replaced = _replace_batchnorms(model, robust_stats, stats_horizon)
+    replaced = _replace_batchnorms(model, robust_stats, stats_horizon, num_classes)
     model.eval()  # the new layers too
     others = [m for m in model.modules() if isinstance(m, AFFINE_NORMS) and getattr(m, "weight", None) is not None]
     if not replaced and not others:
@@ -82,12 +103,12 @@ def configure(source: nn.Module, robust_stats: bool, stats_horizon: int) -> Conf
     return ConfiguredModel(model, params, "+".join(kinds))
 
 
-def _replace_batchnorms(model: nn.Module, robust: bool, horizon: int) -> list[TestTimeBatchNorm]:
+def _replace_batchnorms(model: nn.Module, robust: bool, horizon: int, num_classes: int) -> list[TestTimeBatchNorm]:
     replaced = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _BatchNorm):
-                layer = TestTimeBatchNorm(child, robust, horizon).to(child.weight.device)
+                layer = TestTimeBatchNorm(child, robust, horizon, num_classes).to(child.weight.device)
                 setattr(parent, name, layer)
                 replaced.append(layer)
     return replaced
@@ -97,3 +118,10 @@ def set_stats_update(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, TestTimeBatchNorm):
             module.update_stats = enabled
+
+
+def commit_statistics(model: nn.Module, predicted: torch.Tensor) -> None:
+    """After a forward pass: its images join the running statistics under their predicted classes."""
+    for module in model.modules():
+        if isinstance(module, TestTimeBatchNorm):
+            module.commit(predicted)
