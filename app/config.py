@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     )
     guard_reliable: bool = Field(True, description="adapt only on samples with entropy < reliable_entropy * ln C")
     reliable_entropy: float = Field(0.4, gt=0, le=1)
+    guard_balance: bool = Field(
+        True, description="no step on a batch whose predictions concentrate on few classes (class-sorted traffic)"
+    )
+    balance_entropy: float = Field(
+        0.6, ge=0, le=1, description="no step when the entropy of the batch's predicted classes is below this * ln C"
+    )
     guard_min_batch: bool = Field(True, description="never normalise or step on a batch smaller than min_batch alone")
     min_batch: int = Field(16, ge=1, le=4096)
     guard_grad_clip: bool = True
@@ -93,6 +99,9 @@ class Settings(BaseSettings):
     def reliable_threshold(self, num_classes: int) -> float:
         return self.reliable_entropy * math.log(num_classes)
 
+    def balance_threshold(self, num_classes: int) -> float:
+        return self.balance_entropy * math.log(num_classes)
+
     def guards(self) -> dict[str, bool]:
         return {name: getattr(self, f"guard_{name}") for name in GUARDS}
 
@@ -101,4 +110,4 @@ class Settings(BaseSettings):
         return self.model_copy(update={f"guard_{name}": False for name in GUARDS})
 
 
-GUARDS = ("reliable", "min_batch", "grad_clip", "nonfinite", "anchor", "collapse", "drift")
+GUARDS = ("reliable", "balance", "min_batch", "grad_clip", "nonfinite", "anchor", "collapse", "drift")

@@ -70,6 +70,10 @@ def adaptable_tensors(e: AdaptationEngine) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in e.adapted.state_dict().items()}
 
 
+def adaptable_params(e: AdaptationEngine) -> list[list[float]]:
+    return [p.detach().flatten().tolist() for p in e.params]
+
+
 def assert_same_state(a: AdaptationEngine, b: AdaptationEngine) -> None:
     state_a, state_b = a.adapted.state_dict(), b.adapted.state_dict()
     assert state_a.keys() == state_b.keys()
@@ -184,10 +188,11 @@ def test_huge_learning_rate_trips_the_drift_guard(source, clean) -> None:
 
 
 def test_one_class_stream_trips_the_diversity_guard(source, clean) -> None:
-    """Predictions of one class have a mean prediction far from uniform; a strict threshold calls that collapse."""
+    """Predictions of one class have a mean prediction far from uniform; a strict threshold calls that collapse.
+    (The balance guard would skip every step on such batches, and without steps there is nothing to collapse.)"""
     x, y = clean
     cats = x[y == 3]
-    e = engine(source, diversity_window=32, collapse_diversity=0.99)
+    e = engine(source, diversity_window=32, collapse_diversity=0.99, guard_balance=False)
     for _ in range(COLLAPSE_WARMUP_STEPS + 2):
         e.step(cats[:32])
     assert e.stats.resets["collapse_diversity"] >= 1
@@ -206,6 +211,16 @@ def test_unreliable_samples_make_no_step(source, clean) -> None:
     e = engine(source, reliable_entropy=1e-9)
     e.step(x[:32])
     assert e.stats.skipped["no_reliable_samples"] == 1 and e.stats.steps_total == 0
+
+
+def test_a_batch_of_one_class_makes_no_step(source, clean) -> None:
+    x, y = clean
+    e = engine(source)
+    e.step(x[y == 3][:32])
+    assert e.stats.skipped["class_imbalanced"] == 1 and e.stats.steps_total == 0
+    assert adaptable_params(e) == adaptable_params(engine(source))
+    e.step(x[:32])  # shuffled: every class
+    assert e.stats.steps_total == 1
 
 
 def test_small_batches_are_buffered_and_never_normalised_alone(source, clean) -> None:
@@ -289,7 +304,8 @@ class TinyGroupNormNet(nn.Module):
 
 
 def test_models_without_batchnorm_adapt_their_norm_layers(source) -> None:
-    settings = source[1].model_copy(update={"guard_reliable": False})
+    # an untrained net is neither confident nor spread over the classes: the guards that look at that are off
+    settings = source[1].model_copy(update={"guard_reliable": False, "guard_balance": False})
     e = AdaptationEngine(TinyGroupNormNet(), 10, settings, CPU)
     assert e.norm_kind == "GroupNorm" and e.snapshot()["adapted_layers"] == "GroupNorm"
     e.step(torch.randn(32, 3, 8, 8))
@@ -301,14 +317,19 @@ def test_models_without_batchnorm_adapt_their_norm_layers(source) -> None:
 # ----- accuracy -----
 
 
-def test_tent_beats_norm_beats_none_on_noisy_images(source, noisy) -> None:
+def test_entropy_step_beats_statistics_alone_beats_none_on_noisy_images(source, noisy) -> None:
+    """TENT's claim, on the paper's per-batch statistics: the entropy step adds to test statistics alone. The default
+    (slow class-balanced statistics) must beat the frozen model; on a stream this short (600 images, 12 steps, well
+    under the 2560-image statistics horizon) it trails per-batch statistics, which the full benchmark measures."""
     x, y = noisy
     accuracy = {
         "none": prequential_accuracy(engine(source, method="none"), x, y, 50),
-        "norm": prequential_accuracy(engine(source, method="norm"), x, y, 50),
-        "tent": prequential_accuracy(engine(source, method="tent"), x, y, 50),
+        "norm per batch": prequential_accuracy(engine(source, method="norm", guard_min_batch=False), x, y, 50),
+        "tent-faithful": prequential_accuracy(faithful(source), x, y, 50),
+        "default": prequential_accuracy(engine(source), x, y, 50),
     }
-    assert accuracy["tent"] > accuracy["norm"] > accuracy["none"], accuracy
+    assert accuracy["tent-faithful"] > accuracy["norm per batch"] > accuracy["none"], accuracy
+    assert accuracy["default"] > accuracy["none"], accuracy
 
 
 def test_single_image_stream_is_at_least_as_accurate_as_the_source(source, noisy) -> None:

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.adaptation.guards import CollapseMonitor, relative_drift, softmax_entropy
+from app.adaptation.guards import CollapseMonitor, predicted_class_entropy, relative_drift, softmax_entropy
 from app.adaptation.norm import TestTimeBatchNorm, commit_statistics, configure, set_stats_update
 from app.config import Settings
 
 # Every reason the engine counts, so that each series exists (at 0) before its first event.
-SKIP_REASONS = ("small_batch_buffered", "no_reliable_samples", "nonfinite")
+SKIP_REASONS = ("small_batch_buffered", "class_imbalanced", "no_reliable_samples", "nonfinite")
 RESET_REASONS = ("manual", "drift", "collapse_entropy", "collapse_diversity", "periodic")
 
 # Collapse checks start after this many steps: the entropy EMA needs a few batches to mean anything.
@@ -141,6 +141,13 @@ class AdaptationEngine:
             set_stats_update(self.adapted, True)
 
     def _gradient_step(self, logits: torch.Tensor, last_good: dict | None) -> bool:
+        if self.settings.guard_balance and predicted_class_entropy(logits) < self.settings.balance_threshold(
+            self.num_classes
+        ):
+            # A batch of mostly one class (traffic sorted by class) is label shift, not domain shift: minimising
+            # its entropy teaches the model to predict that class for everything, and the next class pays.
+            self.stats.skipped["class_imbalanced"] += 1
+            return False
         entropy = softmax_entropy(logits)
         if self.settings.guard_reliable:
             reliable = entropy < self.settings.reliable_threshold(self.num_classes)
@@ -264,6 +271,7 @@ class AdaptationEngine:
             "guards": {
                 **s.guards(),
                 "reliable_entropy": s.reliable_entropy,
+                "balance_entropy": s.balance_entropy,
                 "min_batch_size": s.min_batch,
                 "stats_horizon": s.stats_horizon,
                 "grad_clip_norm": s.grad_clip_norm,

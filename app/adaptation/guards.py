@@ -12,6 +12,12 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=1)
 
 
+def predicted_class_entropy(logits: torch.Tensor) -> float:
+    """Entropy (nats) of the histogram of the batch's predicted classes: ln C when spread evenly, 0 for one class."""
+    shares = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double() / len(logits)
+    return float(-(shares * shares.clamp_min(1e-12).log()).sum())
+
+
 class CollapseMonitor:
     """Tracks the EMA of the batch-mean entropy and the entropy of the mean prediction over a window."""
 
