@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     )
     guard_reliable: bool = Field(True, description="adapt only on samples with entropy < reliable_entropy * ln C")
     reliable_entropy: float = Field(0.4, gt=0, le=1)
+    guard_reweight: bool = Field(
+        True, description="weight each sample's entropy by 1 / the recent share of its predicted class (DELTA)"
+    )
     guard_balance: bool = Field(
         True, description="no step on a batch whose predictions concentrate on few classes (class-sorted traffic)"
     )
@@ -110,4 +113,4 @@ class Settings(BaseSettings):
         return self.model_copy(update={f"guard_{name}": False for name in GUARDS})
 
 
-GUARDS = ("reliable", "balance", "min_batch", "grad_clip", "nonfinite", "anchor", "collapse", "drift")
+GUARDS = ("reliable", "reweight", "balance", "min_batch", "grad_clip", "nonfinite", "anchor", "collapse", "drift")

@@ -149,13 +149,14 @@ class AdaptationEngine:
             self.stats.skipped["class_imbalanced"] += 1
             return False
         entropy = softmax_entropy(logits)
+        weights = self._class_weights(logits)
         if self.settings.guard_reliable:
             reliable = entropy < self.settings.reliable_threshold(self.num_classes)
             if not bool(reliable.any()):
                 self.stats.skipped["no_reliable_samples"] += 1
                 return False
-            entropy = entropy[reliable]
-        loss = entropy.mean()
+            entropy, weights = entropy[reliable], weights[reliable]
+        loss = (weights * entropy).sum() / weights.sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.settings.guard_grad_clip:
@@ -181,6 +182,20 @@ class AdaptationEngine:
         self.stats.steps_total += 1
         self.stats.steps_since_reset += 1
         return True
+
+    def _class_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each sample's weight in the entropy loss: 1 / how often its predicted class is predicted lately.
+
+        Entropy minimisation favours whichever class the model already over-predicts: the samples it pushes
+        toward that class outnumber the others, so over a long stream one class takes over (DELTA, Zhao et al.
+        ICLR 2023). Weighting by the inverse share makes every predicted class count equally in expectation.
+        """
+        shares = self.monitor.class_shares() if self.settings.guard_reweight else None
+        if shares is None:
+            return torch.ones(len(logits), device=logits.device)
+        # A floor of a tenth of an even share: a class predicted almost never cannot make one sample the whole loss.
+        shares = shares.to(logits.device).clamp_min(0.1 / self.num_classes)
+        return 1.0 / shares[logits.detach().argmax(1)]
 
     def _predicted(self, logits: torch.Tensor, last_good: dict | None) -> bool:
         """After the prediction: a finite one lets the batch into the test statistics under its predicted classes;

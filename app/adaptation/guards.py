@@ -45,6 +45,12 @@ class CollapseMonitor:
             self._window_sum -= oldest
             self._window_count -= count
 
+    def class_shares(self) -> torch.Tensor | None:
+        """Mean prediction over the window so far: how often each class is being predicted."""
+        if self._window_count == 0:
+            return None
+        return (self._window_sum / self._window_count).float()
+
     def diversity(self) -> float | None:
         """Entropy (nats) of the mean prediction, once the window is full."""
         if self._window_count < self.window:
