@@ -194,7 +194,7 @@ class AdaptationEngine:
         if shares is None:
             return torch.ones(len(logits), device=logits.device)
         # A floor of a tenth of an even share: a class predicted almost never cannot make one sample the whole loss.
-        shares = shares.to(logits.device).clamp_min(0.1 / self.num_classes)
+        shares = shares.to(logits.device, logits.dtype).clamp_min(0.1 / self.num_classes)
         return 1.0 / shares[logits.detach().argmax(1)]
 
     def _predicted(self, logits: torch.Tensor, last_good: dict | None) -> bool:

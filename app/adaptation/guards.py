@@ -49,13 +49,13 @@ class CollapseMonitor:
         """Mean prediction over the window so far: how often each class is being predicted."""
         if self._window_count == 0:
             return None
-        return (self._window_sum / self._window_count).float()
+        return self._window_sum / self._window_count
 
     def diversity(self) -> float | None:
         """Entropy (nats) of the mean prediction, once the window is full."""
-        if self._window_count < self.window:
+        mean = self.class_shares()
+        if mean is None or self._window_count < self.window:
             return None
-        mean = self._window_sum / self._window_count
         return float(-(mean * mean.clamp_min(1e-12).log()).sum())
 
     @property
