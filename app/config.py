@@ -53,7 +53,12 @@ class Settings(BaseSettings):
         0.6, ge=0, le=1, description="no step when the entropy of the batch's predicted classes is below this * ln C"
     )
     guard_min_batch: bool = Field(True, description="never normalise or step on a batch smaller than min_batch alone")
-    min_batch: int = Field(16, ge=1, le=4096)
+    min_batch: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="images per entropy step: smaller batches are buffered until this many have been predicted",
+    )
     guard_grad_clip: bool = True
     grad_clip_norm: float = Field(1.0, gt=0)
     guard_nonfinite: bool = Field(True, description="roll back a step with a non-finite loss, gradient or parameter")

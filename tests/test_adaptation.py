@@ -126,7 +126,7 @@ def test_tent_without_guards_matches_the_paper_step_by_step(source, clean) -> No
 
 def test_only_normalisation_affine_parameters_change(source, clean) -> None:
     x, _ = clean
-    e = engine(source)
+    e = engine(source, min_batch=32)
     before = {k: v.clone() for k, v in source[0].state_dict().items()}
     for i in range(0, len(x), 32):
         e.step(x[i : i + 32])
@@ -177,10 +177,10 @@ def test_nonfinite_input_is_rolled_back(source, clean) -> None:
 
 def test_huge_learning_rate_trips_the_drift_guard(source, clean) -> None:
     x, _ = clean
-    e = engine(source, lr=10.0)
+    e = engine(source, lr=10.0, min_batch=32)
     e.step(x[:32])
     assert e.stats.resets["drift"] == 1
-    assert_same_state(e, engine(source, lr=10.0))
+    assert_same_state(e, engine(source, lr=10.0, min_batch=32))
 
 
 def test_one_class_stream_trips_the_diversity_guard(source, clean) -> None:
@@ -188,7 +188,7 @@ def test_one_class_stream_trips_the_diversity_guard(source, clean) -> None:
     (The balance guard would skip every step on such batches, and without steps there is nothing to collapse.)"""
     x, y = clean
     cats = x[y == 3]
-    e = engine(source, diversity_window=32, collapse_diversity=0.99, guard_balance=False)
+    e = engine(source, diversity_window=32, collapse_diversity=0.99, guard_balance=False, min_batch=32)
     for _ in range(COLLAPSE_WARMUP_STEPS + 2):
         e.step(cats[:32])
     assert e.stats.resets["collapse_diversity"] >= 1
@@ -196,7 +196,7 @@ def test_one_class_stream_trips_the_diversity_guard(source, clean) -> None:
 
 def test_low_entropy_ema_trips_the_collapse_guard(source, clean) -> None:
     x, _ = clean
-    e = engine(source, collapse_entropy=0.9)  # an EMA below 0.9 ln C counts as collapse: always true here
+    e = engine(source, collapse_entropy=0.9, min_batch=32)  # an EMA below 0.9 ln C counts as collapse: always true here
     for i in range(COLLAPSE_WARMUP_STEPS + 1):
         e.step(x[32 * i : 32 * (i + 1)])
     assert e.stats.resets["collapse_entropy"] == 1
@@ -204,14 +204,14 @@ def test_low_entropy_ema_trips_the_collapse_guard(source, clean) -> None:
 
 def test_unreliable_samples_make_no_step(source, clean) -> None:
     x, _ = clean
-    e = engine(source, reliable_entropy=1e-9)
+    e = engine(source, reliable_entropy=1e-9, min_batch=32)
     e.step(x[:32])
     assert e.stats.skipped["no_reliable_samples"] == 1 and e.stats.steps_total == 0
 
 
 def test_a_batch_of_one_class_makes_no_step(source, clean) -> None:
     x, y = clean
-    e = engine(source)
+    e = engine(source, min_batch=32)
     e.step(x[y == 3][:32])
     assert e.stats.skipped["class_imbalanced"] == 1 and e.stats.steps_total == 0
     assert all(torch.equal(p, q) for p, q in zip(e.params, engine(source).params, strict=True))
@@ -237,10 +237,11 @@ def test_entropy_loss_weights_each_sample_by_the_inverse_share_of_its_predicted_
 def test_small_batches_are_buffered_and_never_normalised_alone(source, clean) -> None:
     x, _ = clean
     e = engine(source)
+    quarter = e.settings.min_batch // 4
     for i in range(3):
-        e.step(x[4 * i : 4 * (i + 1)])
+        e.step(x[quarter * i : quarter * (i + 1)])
     assert e.stats.skipped["small_batch_buffered"] == 3 and e.stats.steps_total == 0
-    e.step(x[12:16])
+    e.step(x[3 * quarter : 4 * quarter])
     assert e.stats.steps_total == 1 and not e._buffer
     # A single image is normalised with the running statistics and joins only its predicted class's estimate,
     # with the weight one image has over that class's share of the horizon.
@@ -248,7 +249,7 @@ def test_small_batches_are_buffered_and_never_normalised_alone(source, clean) ->
     seen: list[torch.Tensor] = []
     hook = bn.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().mean((0, 2, 3))))
     before = bn.class_mean.clone()
-    predicted = int(e.step(x[16:17]).logits.argmax())
+    predicted = int(e.step(x[4 * quarter : 4 * quarter + 1]).logits.argmax())
     hook.remove()
     changed = (bn.class_mean != before).any(1).nonzero().flatten().tolist()
     assert changed == [predicted]
@@ -294,7 +295,7 @@ def test_anchor_pulls_the_parameters_back_toward_the_source(source, clean) -> No
 
 def test_periodic_reset(source, clean) -> None:
     x, _ = clean
-    e = engine(source, reset_every_steps=3)
+    e = engine(source, reset_every_steps=3, min_batch=32)
     for i in range(3):
         e.step(x[32 * i : 32 * (i + 1)])
     assert e.stats.resets["periodic"] == 1 and e.stats.steps_since_reset == 0
@@ -316,7 +317,7 @@ class TinyGroupNormNet(nn.Module):
 
 def test_models_without_batchnorm_adapt_their_norm_layers(source) -> None:
     # an untrained net is neither confident nor spread over the classes: the guards that look at that are off
-    settings = source[1].model_copy(update={"guard_reliable": False, "guard_balance": False})
+    settings = source[1].model_copy(update={"guard_reliable": False, "guard_balance": False, "min_batch": 32})
     e = AdaptationEngine(TinyGroupNormNet(), 10, settings, CPU)
     assert e.norm_kind == "GroupNorm" and e.snapshot()["adapted_layers"] == "GroupNorm"
     e.step(torch.randn(32, 3, 8, 8))
