@@ -93,11 +93,16 @@ def test_server_method_names_the_configuration() -> None:
     assert server_method({"method": "norm", "adaptation": {"guards": guards}}) == "norm"
 
 
-def test_in_process_and_http_give_the_same_predictions(pool: Pool, model_path: Path) -> None:
+def test_in_process_and_http_give_the_same_predictions(
+    pool: Pool, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Concurrency 1 and images per request = the server's max batch size: the server forms the in-process
-    batches exactly (the reset scenario adds a short batch per domain and a POST /reset between domains)."""
+    batches exactly (the reset scenario adds a short batch per domain and a POST /reset between domains).
+    The stream is 20 images a domain, so steps are taken on buffered groups of 16 (both sides read TTA_MIN_BATCH)."""
+    monkeypatch.setenv("TTA_MIN_BATCH", "16")
     env = {
         "TTA_METHOD": "tent",
+        "TTA_MIN_BATCH": "16",
         "TTA_MAX_BATCH_SIZE": str(BATCH),
         "TTA_MAX_WAIT_MS": "50",
         "TTA_MODEL": str(model_path),
