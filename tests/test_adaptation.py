@@ -234,6 +234,18 @@ def test_entropy_loss_weights_each_sample_by_the_inverse_share_of_its_predicted_
     assert torch.equal(unweighted._class_weights(batch), torch.ones(3))
 
 
+def test_the_entropy_step_uses_the_class_weights(source, clean) -> None:
+    x, _ = clean
+    weighted, unweighted = engine(source), engine(source, guard_reweight=False)
+    skewed = torch.full((200, 10), -20.0)
+    skewed[:, 3] = 20.0  # lately only class 3
+    for e in (weighted, unweighted):
+        e.monitor.observe(skewed, softmax_entropy(skewed))
+        e.step(x[:64])
+    assert weighted.stats.steps_total == unweighted.stats.steps_total == 1
+    assert any(not torch.equal(p, q) for p, q in zip(weighted.params, unweighted.params, strict=True))
+
+
 def test_small_batches_are_buffered_and_never_normalised_alone(source, clean) -> None:
     x, _ = clean
     e = engine(source)

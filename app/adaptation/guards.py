@@ -12,10 +12,14 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=1)
 
 
-def predicted_class_entropy(logits: torch.Tensor) -> float:
-    """Entropy (nats) of the histogram of the batch's predicted classes: ln C when spread evenly, 0 for one class."""
-    shares = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double() / len(logits)
+def distribution_entropy(shares: torch.Tensor) -> float:
+    """Entropy (nats) of a distribution over classes: ln C when spread evenly, 0 for one class."""
     return float(-(shares * shares.clamp_min(1e-12).log()).sum())
+
+
+def predicted_class_entropy(logits: torch.Tensor) -> float:
+    """Entropy (nats) of the histogram of the batch's predicted classes."""
+    return distribution_entropy(torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double() / len(logits))
 
 
 class CollapseMonitor:
@@ -56,7 +60,7 @@ class CollapseMonitor:
         mean = self.class_shares()
         if mean is None or self._window_count < self.window:
             return None
-        return float(-(mean * mean.clamp_min(1e-12).log()).sum())
+        return distribution_entropy(mean)
 
     @property
     def max_entropy(self) -> float:
