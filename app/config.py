@@ -63,10 +63,10 @@ class Settings(BaseSettings):
     grad_clip_norm: float = Field(1.0, gt=0)
     guard_nonfinite: bool = Field(True, description="roll back a step with a non-finite loss, gradient or parameter")
     guard_collapse: bool = True
-    collapse_entropy: float = Field(
-        0.02, ge=0, le=1, description="reset when the batch-entropy EMA falls below this * ln C"
+    collapse_entropy: float = Field(0.02, ge=0, le=1, description="reset when the entropy EMA falls below this * ln C")
+    entropy_ema_decay: float = Field(
+        0.9, ge=0, lt=1, description="entropy EMA decay per min_batch images (the same average at any batch size)"
     )
-    entropy_ema_decay: float = Field(0.9, ge=0, lt=1)
     collapse_diversity: float = Field(
         0.1,
         ge=0,

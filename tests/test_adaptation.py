@@ -2,6 +2,7 @@
 
 import asyncio
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from torch import nn
 
 from app.adaptation import norm
 from app.adaptation.engine import COLLAPSE_WARMUP_STEPS, AdaptationEngine
-from app.adaptation.guards import softmax_entropy
+from app.adaptation.guards import CollapseMonitor, softmax_entropy
 from app.config import Settings
 from models.checkpoint import load_checkpoint
 from models.data import load_zip, normalize
@@ -200,6 +201,19 @@ def test_low_entropy_ema_trips_the_collapse_guard(source, clean) -> None:
     for i in range(COLLAPSE_WARMUP_STEPS + 1):
         e.step(x[32 * i : 32 * (i + 1)])
     assert e.stats.resets["collapse_entropy"] == 1
+
+
+def test_entropy_average_spans_the_same_images_at_any_batch_size() -> None:
+    """Single images must not make the collapse check look at only the last few images."""
+    batched, single = CollapseMonitor(10, 0.9, 2048, 64), CollapseMonitor(10, 0.9, 2048, 64)
+    uncertain, certain = torch.zeros(64, 10), torch.eye(10)[torch.arange(64) % 10] * 50
+    for monitor in (batched, single):
+        monitor.observe(uncertain, softmax_entropy(uncertain))
+    batched.observe(certain, softmax_entropy(certain))
+    for row in certain.split(1):
+        single.observe(row, softmax_entropy(row))
+    assert single.entropy_ema == pytest.approx(batched.entropy_ema, rel=1e-9)
+    assert batched.entropy_ema == pytest.approx(0.9 * math.log(10), rel=1e-6)
 
 
 def test_unreliable_samples_make_no_step(source, clean) -> None:

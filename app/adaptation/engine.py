@@ -234,7 +234,7 @@ class AdaptationEngine:
     def _fresh_guard_state(self) -> None:
         self._buffer: list[torch.Tensor] = []
         self.monitor = CollapseMonitor(
-            self.num_classes, self.settings.entropy_ema_decay, self.settings.diversity_window
+            self.num_classes, self.settings.entropy_ema_decay, self.settings.diversity_window, self.settings.min_batch
         )
         self.optimizer = self._make_optimizer()
 

@@ -25,9 +25,10 @@ def predicted_class_entropy(logits: torch.Tensor) -> float:
 class CollapseMonitor:
     """Tracks the EMA of the batch-mean entropy and the entropy of the mean prediction over a window."""
 
-    def __init__(self, num_classes: int, ema_decay: float, window: int) -> None:
+    def __init__(self, num_classes: int, ema_decay: float, window: int, decay_images: int) -> None:
         self.num_classes = num_classes
         self.ema_decay = ema_decay
+        self.decay_images = decay_images  # ema_decay applies per this many images, whatever the batch size
         self.window = window
         self.entropy_ema: float | None = None
         self._probability_sums: deque[tuple[torch.Tensor, int]] = deque()
@@ -39,7 +40,10 @@ class CollapseMonitor:
         if self.entropy_ema is None:
             self.entropy_ema = batch_entropy
         else:
-            self.entropy_ema = self.ema_decay * self.entropy_ema + (1 - self.ema_decay) * batch_entropy
+            # Per image, not per batch: otherwise a stream of single images averages only the last ~10 and a few
+            # confident images in a row look like collapse.
+            decay = self.ema_decay ** (len(logits) / self.decay_images)
+            self.entropy_ema = decay * self.entropy_ema + (1 - decay) * batch_entropy
         batch_sum = logits.softmax(1).sum(0).double().cpu()
         self._probability_sums.append((batch_sum, len(logits)))
         self._window_sum += batch_sum
