@@ -3,6 +3,7 @@
 import asyncio
 import copy
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from app.adaptation import norm
 from app.adaptation.engine import COLLAPSE_WARMUP_STEPS, AdaptationEngine
 from app.adaptation.guards import CollapseMonitor, softmax_entropy
 from app.config import Settings
+from app.serving.worker import ModelWorker
 from models.checkpoint import load_checkpoint
 from models.data import load_zip, normalize
 from tests.servers import in_process_client
@@ -378,6 +380,27 @@ def test_single_image_stream_is_at_least_as_accurate_as_the_source(source, noisy
 
 
 # ----- over HTTP -----
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_awaited_reset_is_in_the_snapshot_the_routes_read(anyio_backend: str, source) -> None:
+    """POST /reset then GET /v1/status must show the reset, however long the worker takes to take its snapshot."""
+    served = engine(source)
+    take_snapshot = served.snapshot
+
+    def slow_snapshot() -> dict:  # a loaded machine: the worker thread is slow to record the state
+        time.sleep(0.05)
+        return take_snapshot()
+
+    served.snapshot = slow_snapshot
+    worker = ModelWorker(served, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), top_k=3)
+    worker.start()
+    try:
+        await worker.reset("manual")
+        assert worker.snapshot["resets"]["manual"] == 1
+    finally:
+        worker.stop()
 
 
 @pytest.mark.anyio

@@ -67,11 +67,17 @@ class ModelWorker:
             job, future = item
             if not future.set_running_or_notify_cancel():
                 continue
+            result, error = None, None
             try:
-                future.set_result(job())
-            except BaseException as error:  # the worker must outlive any one bad batch
-                future.set_exception(error)
+                result = job()
+            except BaseException as caught:  # the worker must outlive any one bad batch
+                error = caught
+            # Before the future resolves: whoever awaited the job (a reset, then GET /v1/status) reads its effect.
             self.snapshot = self.engine.snapshot()
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
 
     def _predict(self, images: list[torch.Tensor]) -> BatchOutput:
         started = time.perf_counter()
