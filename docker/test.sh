@@ -21,7 +21,8 @@
 #
 # Needs: root, Debian/Ubuntu apt (debootstrap, podman and buildah are installed when missing), python3 with pip on
 # the host, network for apt/PyPI (or a filled wheelhouse and the base image). The image holds CUDA torch (~6 GB
-# installed), so the first run takes some minutes and ~20 GB of disk; later runs reuse the base and the wheels.
+# installed), so the first run takes some minutes and ~20 GB of disk (3 GB of wheels kept, ~14 GB more at the peak
+# of the build, checked before it starts); later runs reuse the base and the wheels.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -105,6 +106,15 @@ dangling_before="$(buildah images --quiet --filter dangling=true 2>/dev/null | t
 containers_before="$(buildah containers --all --format '{{.ContainerID}}' 2>/dev/null | tr '\n' ' ')"
 
 if [ -z "$reuse_image" ]; then  # stages 1-3, skipped when TTA_DOCKER_TEST_IMAGE names an image to test
+# The build holds the CUDA torch venv (~6 GB) in the working container and again in the committed layer: ~14 GB
+# measured at the peak. Out of disk, buildah fails late and obscurely ("no space left on device" while committing).
+storage="$(buildah info --format '{{.store.GraphRoot}}')"
+mkdir -p "$storage"
+free_gb=$(($(df --output=avail -B1G "$storage" | tail -n 1)))
+need_gb="${TTA_DOCKER_TEST_NEED_GB:-16}"
+[ "$free_gb" -ge "$need_gb" ] || fail "only $free_gb GB free on the disk of $storage; building the image needs" \
+    "about $need_gb GB (free some space, or set TTA_DOCKER_TEST_NEED_GB to try anyway)"
+echo "disk: $free_gb GB free for $storage (about $need_gb GB needed)"
 # ---------------------------------------------------------------------------------------------------- 1. base
 stage base
 if podman image exists "$base_image"; then
