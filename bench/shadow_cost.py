@@ -1,5 +1,8 @@
 """What TTA_SHADOW_SOURCE costs: the median time of one engine step (tent) with and without the source shadow.
 
+Real CIFAR-10 test images (random noise would make the reliability filter skip most entropy steps), a different
+batch every step, one torch thread (the server is measured pinned to one core).
+
 python -m bench.shadow_cost
 """
 
@@ -11,14 +14,18 @@ import torch
 
 from app.adaptation.engine import AdaptationEngine
 from app.config import DEFAULT_MODEL, Settings
+from bench.corruptions import DEFAULT_DATA
 from models.checkpoint import load_checkpoint
+from models.data import load_zip, normalize
+
+WARMUP_STEPS, MEASURED_STEPS = 5, 60
 
 
-def median_step_ms(engine: AdaptationEngine, x: torch.Tensor, repeats: int = 60) -> float:
-    for _ in range(5):
+def median_step_ms(engine: AdaptationEngine, batches: list[torch.Tensor]) -> float:
+    for x in batches[:WARMUP_STEPS]:
         engine.step(x)
     times = []
-    for _ in range(repeats):
+    for x in batches[WARMUP_STEPS:]:
         started = time.perf_counter()
         engine.step(x)
         times.append(time.perf_counter() - started)
@@ -26,12 +33,15 @@ def median_step_ms(engine: AdaptationEngine, x: torch.Tensor, repeats: int = 60)
 
 
 def main() -> None:
-    model, _ = load_checkpoint(DEFAULT_MODEL)
+    torch.set_num_threads(1)
+    model, card = load_checkpoint(DEFAULT_MODEL)
+    images = normalize(load_zip(DEFAULT_DATA, limit_per_class=420).images, card.mean, card.std)
+    images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
     for batch in (1, 64):
-        x = torch.randn(batch, 3, 32, 32)
+        batches = list(images[: (WARMUP_STEPS + MEASURED_STEPS) * batch].split(batch))
         plain, shadowed = (
             median_step_ms(
-                AdaptationEngine(copy.deepcopy(model), 10, Settings(shadow_source=s), torch.device("cpu")), x
+                AdaptationEngine(copy.deepcopy(model), 10, Settings(shadow_source=s), torch.device("cpu")), batches
             )
             for s in (False, True)
         )
