@@ -379,9 +379,6 @@ def test_single_image_stream_is_at_least_as_accurate_as_the_source(source, noisy
     assert adapted >= frozen, (adapted, frozen)
 
 
-# ----- over HTTP -----
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_an_awaited_reset_is_in_the_snapshot_the_routes_read(anyio_backend: str, source) -> None:
@@ -401,6 +398,9 @@ async def test_an_awaited_reset_is_in_the_snapshot_the_routes_read(anyio_backend
         assert worker.snapshot["resets"]["manual"] == 1
     finally:
         worker.stop()
+
+
+# ----- over HTTP -----
 
 
 @pytest.mark.anyio

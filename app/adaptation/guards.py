@@ -23,7 +23,8 @@ def predicted_class_entropy(logits: torch.Tensor) -> float:
 
 
 class CollapseMonitor:
-    """Tracks the EMA of the batch-mean entropy and the entropy of the mean prediction over a window."""
+    """Tracks the EMA of the prediction entropy (decay per `decay_images` images) and the entropy of the mean
+    prediction over a window."""
 
     def __init__(self, num_classes: int, ema_decay: float, window: int, decay_images: int) -> None:
         self.num_classes = num_classes
