@@ -15,7 +15,7 @@ from models.data import SHARED_DATA, list_members
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data/cifar10-jpeg (test.zip, train.zip).
+    """../shared/data/cifar10-jpeg (test.zip, train.zip); TTA_SHARED_DIR moves ../shared.
 
     Tests that need it are skipped when it is missing on a developer machine, but fail under CI (CI=true), where
     the data is always laid out beside the clone and a silent skip would hide a broken set-up.

@@ -26,6 +26,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from models.data import SHARED_DATA
 from tests.servers import metric_value, query, running_prometheus, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ DASHBOARD = DOCKER / "grafana" / "dashboards" / "tta.json"
 DATASOURCES = DOCKER / "grafana" / "provisioning" / "datasources"
 DASHBOARD_PROVIDERS = DOCKER / "grafana" / "provisioning" / "dashboards"
 DEFAULT_MODEL = ROOT / "models" / "default" / "cifar10_resnet20.safetensors"
-SHARED_TEST_ZIP = ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "test.zip"
+SHARED_TEST_ZIP = SHARED_DATA / "test.zip"
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -358,13 +359,16 @@ def test_hadolint() -> None:
 # ----------------------------------------------------------------------------------------------- live PromQL
 
 # The live server: shadow on, so both accuracy series exist; the collapse guard made to trip (any entropy counts as
-# collapsed once the 10-step warm-up is over) and the reliable-sample filter off (every full batch steps), so
-# tta_resets_total{reason="collapse_entropy"} really exists; a queue bound of 16 images, so one 17-image request
-# gets a real 503 (queue_full).
+# collapsed once the 10-step warm-up is over), with one step per 16-image request (adaptation batch 16) and neither
+# the reliable-sample filter nor the class-balance check in the way (random PNGs, the fallback without ../shared,
+# are predicted as few classes), so tta_resets_total{reason="collapse_entropy"} really exists within a few requests;
+# a queue bound of 16 images, so one 17-image request gets a real 503 (queue_full).
 LIVE_ENV = {
     "TTA_SHADOW_SOURCE": "true",
     "TTA_COLLAPSE_ENTROPY": "1.0",
+    "TTA_MIN_BATCH": "16",
     "TTA_GUARD_RELIABLE": "false",
+    "TTA_GUARD_BALANCE": "false",
     "TTA_MAX_QUEUE_IMAGES": "16",
 }
 GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h", "instance": ".*"}
@@ -407,13 +411,14 @@ def live_prometheus() -> Iterator[str]:
     with running_server(LIVE_ENV) as (url, _), running_prometheus(url.removeprefix("http://"), [ALERTS]) as prometheus:
         assert wait_for_data(prometheus, 'up{job="tta"} == 1', timeout_s=30), "Prometheus never scraped the server"
         images = labelled_images(16 + 4 + 17)
-        for _ in range(40):  # full batches until the (forced) collapse guard resets: after 10 steps today
+        for _ in range(20):  # full batches until the (forced) collapse guard resets: after 10 steps today
             assert post(url, images[:16]).status_code == 200
             exposition = httpx.get(f"{url}/metrics", timeout=10).text
             if metric_value(exposition, "tta_resets_total", 'reason="collapse_entropy"') >= 1:
                 break
         else:
-            pytest.fail("40 adaptation steps with TTA_COLLAPSE_ENTROPY=1.0 and no collapse_entropy reset")
+            steps = metric_value(exposition, "tta_adaptation_steps_total")
+            pytest.fail(f"20 full batches ({steps:.0f} steps) with TTA_COLLAPSE_ENTROPY=1.0, no collapse_entropy reset")
         assert post(url, images[:16]).status_code == 200  # one more step after the reset: entropy EMA exists again
         assert httpx.post(f"{url}/reset", timeout=30).status_code == 200  # a manual reset
         assert post(url, images[16:20]).status_code == 200  # a small batch: skipped (buffered)

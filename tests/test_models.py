@@ -16,12 +16,12 @@ from models.checkpoint import (
     read_foreign_state_dict,
     save_checkpoint,
 )
-from models.data import load_zip
+from models.data import SHARED_DIR, load_zip
 from models.evaluate import accuracy
 from models.registry import build_model, list_architectures, torchvision_architectures
 from models.train import reinit_head, train_epoch
 
-AKAMASTER = Path(__file__).resolve().parents[1].parent / "shared" / "pretrained" / "cifar10_resnet20_akamaster.th"
+AKAMASTER = SHARED_DIR / "pretrained" / "cifar10_resnet20_akamaster.th"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -38,7 +38,7 @@ def card_for(architecture: str) -> ModelCard:
 
 @pytest.fixture(scope="module")
 def akamaster(shared_data: Path) -> Path:
-    assert AKAMASTER.is_file(), f"{AKAMASTER} is missing from ../shared"
+    assert AKAMASTER.is_file(), f"{AKAMASTER} is missing from {SHARED_DIR}"
     return AKAMASTER
 
 
