@@ -28,7 +28,16 @@ class Settings(BaseSettings):
     max_files_per_request: int = Field(64, ge=1, le=4096)
     max_image_bytes: int = Field(8 * 2**20, ge=1, description="encoded bytes of one image")
     max_request_bytes: int = Field(64 * 2**20, ge=1, description="body of one request")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="declared width x height, checked before decoding")
+    # Pixels, not bytes, are what decoding costs (deflate packs ~340 pixels in a byte): README, "Upload limits".
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="width x height one image may declare, checked before decoding"
+    )
+    max_request_pixels: int = Field(
+        2 * 4096 * 4096,
+        ge=1,
+        description="pixels decoded for one request, summed over its images (JPEGs after DCT-domain reduction)",
+    )
+    decode_threads: int = Field(0, ge=0, le=256, description="threads decoding images; 0 = one per CPU core")
     admin_token: SecretStr | None = Field(None, description="bearer token required by POST /reset when set")
     shutdown_grace_s: float = Field(10.0, ge=0, description="how long SIGTERM waits for queued batches")
 

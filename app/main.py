@@ -16,7 +16,7 @@ from app.config import Settings
 from app.metrics.ledger import PredictionLedger
 from app.metrics.prometheus import ServiceMetrics
 from app.serving.batcher import Batcher
-from app.serving.preprocess import ImageLimits
+from app.serving.preprocess import ImageDecoder, ImageLimits
 from app.serving.worker import ModelWorker
 from models.checkpoint import ModelCard, load_checkpoint
 
@@ -34,7 +34,7 @@ class Service:
     batcher: Batcher
     ledger: PredictionLedger
     metrics: ServiceMetrics
-    limits: ImageLimits
+    decoder: ImageDecoder
     started: float
 
 
@@ -69,8 +69,9 @@ def build_service(settings: Settings) -> Service:
         metrics.batch_duration.labels("queue_wait").observe(wait_s)
 
     batcher.on_batch = observe_batch
-    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-    return Service(settings, card, device, worker, batcher, ledger, metrics, limits, time.time())
+    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_request_pixels)
+    decoder = ImageDecoder(card.input_size, limits, settings.decode_threads or None)
+    return Service(settings, card, device, worker, batcher, ledger, metrics, decoder, time.time())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await service.batcher.stop(settings.shutdown_grace_s)
         service.worker.stop()
+        service.decoder.close()
 
     app = FastAPI(
         title="TTA inference server",

@@ -45,7 +45,7 @@ def image_pool(data: Path, count: int, size: int) -> torch.Tensor:
     from bench.load import load_jpegs
 
     files = load_jpegs(data, limit=count)
-    return decode_all(files, size, ImageLimits(8 * 2**20, 40_000_000))
+    return decode_all(files, size, ImageLimits(8 * 2**20, 4096 * 4096, 2**40))
 
 
 def time_step(

@@ -56,7 +56,7 @@ async def test_predict_matches_the_model_called_directly(model_path: Path, jpeg_
     assert PredictResponse.model_validate(response.json(), strict=True).model_dump() == response.json()
     predictions = response.json()["predictions"]
     model, card = load_checkpoint(model_path)
-    images = decode_all([(n, d) for n, d, _ in picked], card.input_size, ImageLimits(10**7, 10**7))
+    images = decode_all([(n, d) for n, d, _ in picked], card.input_size, ImageLimits(10**7, 10**7, 10**9))
     with torch.inference_mode():
         probabilities = model(normalize(images, card.mean, card.std)).softmax(1)
     assert [p["class_index"] for p in predictions] == probabilities.argmax(1).tolist()

@@ -9,7 +9,6 @@ from typing import Any
 from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 
 from app.api.parsing import parse_predict
 from app.api.schemas import (
@@ -22,7 +21,7 @@ from app.api.schemas import (
     StatusResponse,
 )
 from app.metrics.ledger import LedgerEntry
-from app.serving.preprocess import InputError, decode_all
+from app.serving.preprocess import InputError
 
 router = APIRouter()
 
@@ -71,7 +70,7 @@ async def predict(request: Request) -> Response:
     files, labels = await parse_predict(request, settings)
     for label in labels or ():
         service.ledger.check_label(label)
-    images = await run_in_threadpool(decode_all, files, card.input_size, service.limits)
+    images = await service.decoder.decode(files)
     remaining = settings.request_timeout_s - (time.monotonic() - started)
     result = await service.batcher.submit(images, max(remaining, 0.001))
     out, names = result.output, card.class_names

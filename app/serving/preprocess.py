@@ -1,17 +1,41 @@
-"""Encoded image bytes -> uint8 tensor 3 x S x S (the card's input size). Runs in a thread pool.
+"""Encoded image bytes -> uint8 tensor 3 x S x S (the card's input size), on a bounded pool of decode threads.
+
+One decoder, Pillow, reads every format, and it raises on bad data where torchvision's decoders can crash the
+process (libpng "Not enough image data" under `decode_image` is a SIGSEGV: a 60-byte PNG that declares 6400 x 6250
+pixels killed the server). Pillow's header parsers are Python and its C decoders report truncation as an error;
+it is fuzzed continuously by OSS-Fuzz, and tests/test_fuzz_decode.py fuzzes this path here.
+
+What a request may cost is bounded before any pixel is decoded: every header is read first, then the declared
+pixels of each image and the pixels to decode over the whole request are checked against the limits. JPEGs are
+decoded already reduced in the DCT domain (1/2, 1/4 or 1/8, never below the model's input), which is both cheaper
+and a good downscale; only the first frame of an animated GIF, WebP or PNG is decoded.
 
 Normalisation (mean/std) is left to the worker, which does it once for the whole batch.
 """
 
+import asyncio
+import contextlib
 import io
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image, PngImagePlugin
 
-ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}
+ACCEPTED_FORMATS = ("GIF", "JPEG", "PNG", "WEBP")
+
+# Pillow's PNG text chunks (iTXt/zTXt are compressed) may take 64 MiB per image by default; the server never reads
+# them, so a little is enough and a compressed-text bomb costs nothing.
+PngImagePlugin.MAX_TEXT_MEMORY = 1 << 20
+# The pixel limits below are this server's; Pillow's own decompression-bomb warning would only add noise to the log.
+Image.MAX_IMAGE_PIXELS = None
+# A palette image with transparency converted to RGB makes Pillow warn once per image: the alpha is dropped on
+# purpose (the model sees RGB), and a warning per request would flood the log.
+warnings.filterwarnings("ignore", message="Palette images with Transparency", module="PIL")
 
 
 class InputError(Exception):
@@ -24,56 +48,91 @@ class InputError(Exception):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_image_bytes: int
-    max_image_pixels: int
+    max_image_bytes: int  # encoded bytes of one image
+    max_image_pixels: int  # width x height one image's header may declare
+    max_request_pixels: int  # pixels decoded for the whole request (JPEGs after their DCT-domain reduction)
 
 
-def decode_one(name: str, data: bytes, size: int, limits: ImageLimits) -> torch.Tensor:
+def decode_all(files: list[tuple[str, bytes]], size: int, limits: ImageLimits) -> torch.Tensor:
+    """All images of one request as one N x 3 x S x S uint8 tensor; the first bad one rejects the request."""
+    with contextlib.ExitStack() as stack:
+        images = [stack.enter_context(_open(name, data, size, limits)) for name, data in files]
+        to_decode = sum(image.width * image.height for image in images)
+        if to_decode > limits.max_request_pixels:
+            raise InputError(
+                413,
+                "too_many_pixels",
+                f"the request's {len(files)} images hold {to_decode} pixels to decode; the limit per request is "
+                f"{limits.max_request_pixels}: send fewer or smaller images per request",
+            )
+        return torch.stack([fit(_pixels(name, image), size) for (name, _), image in zip(files, images, strict=True)])
+
+
+def _open(name: str, data: bytes, size: int, limits: ImageLimits) -> Image.Image:
+    """The image with only its header read, checked against the per-image limits."""
     if not data:
         raise InputError(400, "empty_image", f"image {name!r} is empty (0 bytes)")
     if len(data) > limits.max_image_bytes:
         raise InputError(
             413, "image_too_large", f"image {name!r} is {len(data)} bytes; the limit is {limits.max_image_bytes}"
         )
-    # Read only the header first: a 50,000 x 50,000 PNG is refused before any pixel is allocated.
     try:
-        with Image.open(io.BytesIO(data)) as header:
-            image_format, (width, height) = header.format, header.size
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+        image = Image.open(io.BytesIO(data))
+    except Exception as error:  # Pillow's plugins raise many types on bad headers; every one means "not an image"
         raise InputError(400, "invalid_image", f"file {name!r} is not an image this server can read") from error
-    except Image.DecompressionBombError as error:
-        raise InputError(413, "too_many_pixels", f"image {name!r} declares too many pixels: {error}") from error
-    if image_format not in ACCEPTED_FORMATS:
+    if image.format not in ACCEPTED_FORMATS:
+        image.close()
         raise InputError(
             415,
             "unsupported_image_format",
-            f"image {name!r} is {image_format}; accepted formats are {', '.join(sorted(ACCEPTED_FORMATS))}",
+            f"image {name!r} is {image.format}; accepted formats are {', '.join(ACCEPTED_FORMATS)}",
         )
+    width, height = image.size
     if width * height > limits.max_image_pixels:
+        image.close()
         raise InputError(
             413,
             "too_many_pixels",
             f"image {name!r} is {width}x{height} = {width * height} pixels; the limit is {limits.max_image_pixels}",
         )
+    if image.format == "JPEG":
+        try:
+            image.draft("RGB", (size, size))  # the largest reduction that keeps both sides >= size
+        except Exception as error:
+            image.close()
+            raise InputError(400, "invalid_image", f"image {name!r} is a JPEG this server cannot read") from error
+    return image
+
+
+def _pixels(name: str, image: Image.Image) -> torch.Tensor:
+    """Decode the (first frame of the) image as 3 x H x W uint8."""
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as error:
+        rgb = image.convert("RGB")
+    except Exception as error:  # truncated or corrupt data, a decoder error: the request's fault, never the server's
         raise InputError(
             400, "invalid_image", f"image {name!r} is corrupt or truncated and cannot be decoded"
         ) from error
-    if image.dim() == 4:  # an animated GIF: its first frame
-        image = image[0]
-    return fit(image, size)
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
 
 def fit(image: torch.Tensor, size: int) -> torch.Tensor:
     """Resize the shorter side to `size`, then centre-crop to size x size."""
     if image.shape[-2:] == (size, size):
-        return image
+        return image.contiguous()
     image = TF.resize(image, [size], antialias=True)
-    return TF.center_crop(image, [size, size])
+    return TF.center_crop(image, [size, size]).contiguous()
 
 
-def decode_all(files: list[tuple[str, bytes]], size: int, limits: ImageLimits) -> torch.Tensor:
-    """All images of one request as one N x 3 x S x S uint8 tensor; the first bad one rejects the request."""
-    return torch.stack([decode_one(name, data, size, limits) for name, data in files])
+class ImageDecoder:
+    """Decodes requests on its own threads: as many as cores by default, so that the memory decoding can take at
+    once is bounded (threads x one request's pixel budget) and decoding never starves the event loop's other work."""
+
+    def __init__(self, size: int, limits: ImageLimits, threads: int | None = None) -> None:
+        self.size, self.limits = size, limits
+        self._pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1, thread_name_prefix="decode")
+
+    async def decode(self, files: list[tuple[str, bytes]]) -> torch.Tensor:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, decode_all, files, self.size, self.limits)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
