@@ -27,7 +27,10 @@ class Settings(BaseSettings):
     top_k: int = Field(5, ge=1, le=1000)
     max_files_per_request: int = Field(64, ge=1, le=4096)
     max_image_bytes: int = Field(8 * 2**20, ge=1, description="encoded bytes of one image")
-    max_request_bytes: int = Field(64 * 2**20, ge=1, description="body of one request")
+    max_request_bytes: int = Field(64 * 2**20, ge=1, description="body of one POST /predict")
+    # An item is ~56 bytes, so 1 MiB holds ~18,000 labels, parsed in ~50 ms on one core: a large batch of late labels
+    # fits, and no body can hold the event loop (every route) for long.
+    max_feedback_bytes: int = Field(2**20, ge=1, description="body of one POST /feedback")
     # Pixels, not bytes, are what decoding costs (deflate packs ~340 pixels in a byte): README, "Upload limits".
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="width x height one image may declare, checked before decoding"

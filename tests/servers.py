@@ -61,10 +61,12 @@ def stopping(process: subprocess.Popen, log: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running_server(env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`tta serve` in a subprocess; yields (base URL, process)."""
+def running_server(
+    env: dict[str, str] | None = None, log_level: str = "warning", log: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`tta serve` in a subprocess; yields (base URL, process). Its output goes to `log` (a temporary file if None)."""
     port = free_port()
-    log = Path(tempfile.mkdtemp(prefix="tta-server-")) / "server.log"
+    log = log or Path(tempfile.mkdtemp(prefix="tta-server-")) / "server.log"
     process = subprocess.Popen(
         [
             sys.executable,
@@ -76,7 +78,7 @@ def running_server(env: dict[str, str] | None = None) -> Iterator[tuple[str, sub
             "--port",
             str(port),
             "--log-level",
-            "warning",
+            log_level,
         ],
         cwd=ROOT,
         env={**os.environ, **(env or {})},

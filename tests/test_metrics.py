@@ -24,15 +24,15 @@ def test_ledger_memory_is_bounded_by_size_and_age() -> None:
         ledger.record(f"id{i}", entry(i % 10), None)
     assert len(ledger) == 100
     with pytest.raises(LabelError) as evicted:
-        ledger.label("id0", 0)
+        ledger.label_all([("id0", 0)])
     assert evicted.value.status == 404
     ledger = PredictionLedger(num_classes=10, max_size=100, max_age_s=60, window=10)
     ledger.record("old", entry(1, created=time.monotonic() - 61), None)
     ledger.record("new", entry(1), None)
     assert len(ledger) == 1
     with pytest.raises(LabelError, match="unknown or expired"):
-        ledger.label("old", 1)
-    assert ledger.label("new", 1) is True
+        ledger.label_all([("old", 1)])
+    assert ledger.label_all([("new", 1)]) == [True]
 
 
 def test_prequential_window_and_totals() -> None:

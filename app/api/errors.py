@@ -1,17 +1,26 @@
 """Every error is JSON `{"error": code, "detail": sentence}`; request metrics are taken here too."""
 
+import logging
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics.ledger import LabelError
 from app.serving.preprocess import InputError
 
 KNOWN_ROUTES = {"/predict", "/feedback", "/reset", "/v1/status", "/healthz", "/readyz", "/metrics"}
+
+# The status a request is counted under when its client left before sending the whole body. No response is sent;
+# 499 is nginx's "client closed request", which log tools and dashboards already know, and being 4xx it stays out
+# of the 5xx alerts: the client went away, the server did not fail.
+CLIENT_CLOSED_REQUEST = 499
+
+log = logging.getLogger("tta")
 
 
 def error_response(status: int, code: str, detail: str) -> JSONResponse:
@@ -44,7 +53,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class RequestMetricsMiddleware:
-    """Counts requests by route and status and times them (pure ASGI: no body buffering)."""
+    """Counts requests by route and status and times them (pure ASGI: no body buffering).
+
+    A client that disconnects mid-body ends here too: counted as 499 and logged in one line, without the traceback
+    and the 500 that the outer error middleware would make of it.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -53,6 +66,7 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
+        route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
         status = 500
 
         async def send_and_remember(message: Message) -> None:
@@ -63,9 +77,11 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_and_remember)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED_REQUEST
+            log.info("client disconnected before sending the whole request body (%s)", route)
         finally:
             service = getattr(scope["app"].state, "service", None)
             if service is not None:
-                route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
                 service.metrics.requests.labels(route, str(status)).inc()
                 service.metrics.request_duration.labels(route).observe(time.perf_counter() - started)

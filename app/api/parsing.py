@@ -1,21 +1,34 @@
-"""Turn a /predict request (multipart or JSON) into named image bytes and optional labels, within limits."""
+"""Turn a /predict request (multipart or JSON) into named image bytes and optional labels, and a /feedback request
+into its items, within limits."""
 
 import base64
 import binascii
+import re
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 
-from app.api.schemas import PredictJSON
+from app.api.schemas import FeedbackItem, PredictJSON
 from app.config import Settings
 from app.serving.preprocess import InputError
+
+T = TypeVar("T")
+
+PREDICT_JSON = TypeAdapter(PredictJSON)
+FEEDBACK_ITEM = TypeAdapter(FeedbackItem)
+FEEDBACK_LIST = TypeAdapter(list[FeedbackItem])
+
+# A multipart label is ASCII digits: int() alone would also read "+3", "3_0" and other scripts' digits ("٣").
+# 18 at most: any class index fits, and int() never reads a number of thousands of digits.
+ASCII_LABEL = re.compile(r"[0-9]{1,18}")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it passes `limit` bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise InputError(413, "request_too_large", f"the request is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -26,12 +39,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def media_type(content_type: str) -> str:
+    """The content type without its parameters, lower-cased (media types are case-insensitive, RFC 9110)."""
+    return content_type.partition(";")[0].strip().lower()
+
+
 async def parse_predict(request: Request, settings: Settings) -> tuple[list[tuple[str, bytes]], list[int] | None]:
     content_type = request.headers.get("content-type", "")
     body = await read_body(request, settings.max_request_bytes)
-    if content_type.startswith("multipart/form-data"):
+    kind = media_type(content_type)
+    if kind == "multipart/form-data":
         files, labels = _parse_multipart(body, content_type, settings.max_files_per_request)
-    elif content_type.startswith("application/json"):
+    elif kind == "application/json":
         files, labels = _parse_json(body)
     else:
         raise InputError(
@@ -49,6 +68,23 @@ async def parse_predict(request: Request, settings: Settings) -> tuple[list[tupl
     if labels is not None and len(labels) != len(files):
         raise InputError(422, "labels_mismatch", f"{len(labels)} labels for {len(files)} images: send one per image")
     return files, labels
+
+
+async def parse_feedback(request: Request, settings: Settings) -> list[FeedbackItem]:
+    """The items of a /feedback body: one {id, label} object or a JSON list of them."""
+    content_type = request.headers.get("content-type", "")
+    if media_type(content_type) != "application/json":
+        raise InputError(
+            415,
+            "unsupported_media_type",
+            f'send application/json ({{"id": ..., "label": ...}} or a list), not {content_type or "no content type"}',
+        )
+    body = await read_body(request, settings.max_feedback_bytes)
+    # The first character says which shape it is, so an error names the item's place ("2.label") instead of
+    # listing one failure per branch of a union.
+    if body.lstrip(b" \t\r\n").startswith(b"["):
+        return _validate_json(FEEDBACK_LIST, body)
+    return [_validate_json(FEEDBACK_ITEM, body)]
 
 
 def split_multipart(body: bytes, content_type: str, max_files: int) -> list[tuple[str, str | None, bytes]]:
@@ -109,23 +145,21 @@ def _parse_multipart(
             files.append((filename or f"files[{len(files)}]", content))
         elif name == "labels" and filename is None:
             raw_labels.append(content.decode("utf-8", "replace"))
-    labels = None
-    if raw_labels:
-        pieces = [p.strip() for value in raw_labels for p in value.split(",") if p.strip()]
-        try:
-            labels = [int(p) for p in pieces]
-        except ValueError:
-            raise InputError(422, "invalid_labels", f"labels must be integers, got {', '.join(raw_labels)!r}") from None
-    return files, labels
+    return files, _parse_labels(raw_labels) if raw_labels else None
+
+
+def _parse_labels(fields: list[str]) -> list[int]:
+    """Class indices from 'labels' fields, comma-separated: ASCII digits, spaces or tabs around each allowed."""
+    pieces = [p.strip(" \t") for value in fields for p in value.split(",")]
+    for piece in pieces:
+        if not ASCII_LABEL.fullmatch(piece):
+            detail = f"labels are class indices in ASCII digits separated by commas, not {piece[:40]!r}"
+            raise InputError(422, "invalid_labels", detail)
+    return [int(p) for p in pieces]
 
 
 def _parse_json(body: bytes) -> tuple[list[tuple[str, bytes]], list[int] | None]:
-    try:
-        payload = PredictJSON.model_validate_json(body)
-    except ValidationError as error:
-        if any(e["type"] == "json_invalid" for e in error.errors()):
-            raise InputError(400, "invalid_json", "the body is not valid JSON") from error
-        raise InputError(422, "invalid_fields", _first_error(error)) from error
+    payload = _validate_json(PREDICT_JSON, body)
     files = []
     for index, encoded in enumerate(payload.images):
         try:
@@ -133,6 +167,16 @@ def _parse_json(body: bytes) -> tuple[list[tuple[str, bytes]], list[int] | None]
         except (binascii.Error, ValueError):
             raise InputError(400, "bad_base64", f"images[{index}] is not valid base64") from None
     return files, payload.labels
+
+
+def _validate_json(adapter: TypeAdapter[T], body: bytes) -> T:
+    """400 invalid_json for a body that is not JSON, 422 invalid_fields for JSON of the wrong shape."""
+    try:
+        return adapter.validate_json(body)
+    except ValidationError as error:
+        if any(e["type"] == "json_invalid" for e in error.errors()):
+            raise InputError(400, "invalid_json", "the body is not valid JSON") from error
+        raise InputError(422, "invalid_fields", _first_error(error)) from error
 
 
 def _first_error(error: ValidationError) -> str:

@@ -6,11 +6,11 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Body, Header, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.parsing import parse_predict
+from app.api.parsing import parse_feedback, parse_predict
 from app.api.schemas import (
     ERROR_RESPONSES,
     FeedbackItem,
@@ -47,6 +47,19 @@ PREDICT_BODY = {
                 }
             },
             "application/json": {"schema": PredictJSON.model_json_schema()},
+        },
+    }
+}
+
+
+FEEDBACK_ITEM_SCHEMA = FeedbackItem.model_json_schema()
+FEEDBACK_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"anyOf": [FEEDBACK_ITEM_SCHEMA, {"type": "array", "items": FEEDBACK_ITEM_SCHEMA}]}
+            }
         },
     }
 }
@@ -111,13 +124,17 @@ async def predict(request: Request) -> Response:
     "/feedback",
     response_model=FeedbackResponse,
     responses=ERROR_RESPONSES,
+    openapi_extra=FEEDBACK_BODY,
     summary="Late labels for earlier predictions: one {id, label} or a list of them",
+    description="All or nothing: every item of a list is checked first (known id, not labelled yet, label in "
+    "range, no id twice in the list), and if one fails, none is applied and the error names it, so the corrected "
+    "list can be sent again whole. The body is at most TTA_MAX_FEEDBACK_BYTES (1 MiB, ~18,000 labels).",
 )
-async def feedback(request: Request, items: FeedbackItem | list[FeedbackItem] = Body(...)) -> dict[str, int]:
-    ledger = _service(request).ledger
-    items = items if isinstance(items, list) else [items]
-    correct = sum(ledger.label(item.id, item.label) for item in items)
-    return {"labelled": len(items), "correct": correct}
+async def feedback(request: Request) -> dict[str, int]:
+    service = _service(request)
+    items = await parse_feedback(request, service.settings)
+    outcomes = service.ledger.label_all([(item.id, item.label) for item in items])
+    return {"labelled": len(outcomes), "correct": sum(outcomes)}
 
 
 @router.post(
@@ -130,12 +147,20 @@ async def reset(request: Request, authorization: str | None = Header(None)) -> d
     service = _service(request)
     token = service.settings.admin_token
     if token is not None:
-        if not authorization or not authorization.startswith("Bearer "):
-            raise InputError(401, "unauthorized", "POST /reset needs 'Authorization: Bearer <TTA_ADMIN_TOKEN>'")
-        if not secrets.compare_digest(authorization.removeprefix("Bearer "), token.get_secret_value()):
-            raise InputError(403, "forbidden", "the admin token is wrong")
+        _check_bearer(authorization, token.get_secret_value())
     await service.worker.reset("manual")
     return {"reset": True, "adaptation_step": service.worker.snapshot["steps_since_reset"]}
+
+
+def _check_bearer(authorization: str | None, token: str) -> None:
+    if authorization is not None and not authorization.isascii():
+        # Header bytes arrive decoded as latin-1; a bearer token is ASCII (RFC 6750), so this is a broken header.
+        raise InputError(400, "invalid_header", "the Authorization header holds non-ASCII bytes")
+    if not authorization or not authorization.startswith("Bearer "):
+        raise InputError(401, "unauthorized", "POST /reset needs 'Authorization: Bearer <TTA_ADMIN_TOKEN>'")
+    # Bytes: compare_digest raises TypeError on str with non-ASCII characters (a token may hold some).
+    if not secrets.compare_digest(authorization.removeprefix("Bearer ").encode(), token.encode()):
+        raise InputError(403, "forbidden", "the admin token is wrong")
 
 
 @router.get("/v1/status", response_model=StatusResponse, summary="Method, model, adaptation and guard state, figures")

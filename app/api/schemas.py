@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 
 class TopK(BaseModel):
@@ -25,14 +25,18 @@ class PredictResponse(BaseModel):
     adaptation_step: int = Field(description="adaptation steps since the last reset, after this request's batch")
 
 
+# Labels are strict JSON integers: "3", 3.0 and true are refused (422) rather than read as 3 or 1, because a client
+# that sends them has a bug that lenient parsing would hide.
 class PredictJSON(BaseModel):
     images: list[str] = Field(min_length=1, description="base64-encoded image files (JPEG, PNG, WebP, GIF)")
-    labels: list[int] | None = Field(None, description="true class index of each image, for prequential scoring")
+    labels: list[StrictInt] | None = Field(
+        None, description="true class index of each image (a JSON integer), for prequential scoring"
+    )
 
 
 class FeedbackItem(BaseModel):
     id: str = Field(description="the prediction id returned by /predict")
-    label: int = Field(description="the true class index")
+    label: StrictInt = Field(description="the true class index (a JSON integer)")
 
 
 class FeedbackResponse(BaseModel):
@@ -63,15 +67,18 @@ class StatusResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
-        400: "an image cannot be decoded (invalid_image, empty_image) or the body is malformed (bad_base64)",
+        400: "an image cannot be decoded (invalid_image, empty_image), the body is malformed (bad_base64, "
+        "invalid_json, malformed_multipart) or a header cannot be read (invalid_header)",
         401: "admin route without a bearer token (when TTA_ADMIN_TOKEN is set)",
         403: "admin route with a wrong token",
         404: "unknown or expired prediction id",
         409: "the prediction already has a label",
         413: "too many bytes, files, fields or pixels (request_too_large, image_too_large, too_many_files, "
         "too_many_fields, too_many_pixels)",
-        415: "the body is neither multipart/form-data nor JSON, or the image format is not accepted",
-        422: "invalid fields: labels out of range or not one per image, no images",
+        415: "the body's media type is not one the route accepts (unsupported_media_type), or an image's format is "
+        "not accepted (unsupported_image_format)",
+        422: "invalid fields (invalid_fields, invalid_labels, label_out_of_range, labels_mismatch, no_images, "
+        "files_not_files, duplicate_id)",
         503: "queue full or shutting down; retry after Retry-After seconds",
         504: "no answer within TTA_REQUEST_TIMEOUT_S",
     }.items()

@@ -7,6 +7,7 @@ Memory is bounded by `max_size` entries and `max_age_s` seconds, whatever the tr
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -71,17 +72,37 @@ class PredictionLedger:
             self._entries[prediction_id] = entry
             self._evict(time.monotonic())
 
-    def label(self, prediction_id: str, label: int) -> bool:
-        """Score a late label; returns whether the prediction was correct."""
-        self.check_label(label)
-        with self._lock:
-            self._evict(time.monotonic())
+    def label_all(self, labels: Sequence[tuple[str, int]]) -> list[bool]:
+        """Score late (prediction id, label) pairs, all or none; returns whether each prediction was correct.
+
+        Every pair is checked (label in range, id known, not labelled yet, not twice here) before any is scored,
+        so a request refused for one bad pair can be corrected and sent again whole.
+        """
+        try:
+            for _, label in labels:
+                self.check_label(label)
+            with self._lock:
+                self._evict(time.monotonic())
+                entries = self._unlabelled_entries([prediction_id for prediction_id, _ in labels])
+                return [self._score(entry, label) for entry, (_, label) in zip(entries, labels, strict=True)]
+        except LabelError as error:
+            if len(labels) < 2:
+                raise
+            raise LabelError(error.status, error.code, f"{error.detail}; none of these labels was applied") from None
+
+    def _unlabelled_entries(self, prediction_ids: list[str]) -> list[LedgerEntry]:
+        entries, seen = [], set()
+        for prediction_id in prediction_ids:
+            if prediction_id in seen:
+                raise LabelError(422, "duplicate_id", f"prediction {prediction_id!r} is labelled twice in one request")
+            seen.add(prediction_id)
             entry = self._entries.get(prediction_id)
             if entry is None:
                 raise LabelError(404, "unknown_prediction", f"no prediction {prediction_id!r} (unknown or expired)")
             if entry.labelled:
                 raise LabelError(409, "already_labelled", f"prediction {prediction_id!r} already has a label")
-            return self._score(entry, label)
+            entries.append(entry)
+        return entries
 
     def check_label(self, label: int) -> None:
         if not 0 <= label < self.num_classes:
