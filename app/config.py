@@ -1,5 +1,6 @@
 """Every setting of the service, read from environment variables prefixed `TTA_` (e.g. TTA_PORT=9000)."""
 
+import ipaddress
 import math
 from pathlib import Path
 from typing import Literal
@@ -12,8 +13,21 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default" / 
 Method = Literal["none", "norm", "tent"]
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: an address only this machine can reach."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # any other host name may resolve to anything
+        return False
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TTA_", frozen=True, protected_namespaces=())
+    # hide_input_in_errors: a refused TTA_ADMIN_TOKEN must not be echoed into the log by its error message.
+    model_config = SettingsConfigDict(
+        env_prefix="TTA_", frozen=True, protected_namespaces=(), hide_input_in_errors=True
+    )
 
     # --- serving ---
     model: Path = Field(DEFAULT_MODEL, description="checkpoint (.safetensors with its .json model card beside it)")
@@ -41,7 +55,15 @@ class Settings(BaseSettings):
         description="pixels decoded for one request, summed over its images (JPEGs after DCT-domain reduction)",
     )
     decode_threads: int = Field(0, ge=0, le=256, description="threads decoding images; 0 = one per CPU core")
-    admin_token: SecretStr | None = Field(None, description="bearer token required by POST /reset when set")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token required by POST /reset when set; needed to listen beyond loopback"
+    )
+    allow_open_admin: bool = Field(
+        False, description="listen on a non-loopback address without admin_token: POST /reset open to anyone"
+    )
+    api_keys: Path | None = Field(
+        None, description="file of the API keys /predict and /feedback accept (format: app/api/auth.py, README)"
+    )
     shutdown_grace_s: float = Field(10.0, ge=0, description="how long SIGTERM waits for queued batches")
 
     # --- adaptation (see README, "Methods and guards") ---
@@ -114,6 +136,26 @@ class Settings(BaseSettings):
     def _model_exists(cls, value: Path) -> Path:
         if not value.is_file():
             raise ValueError(f"model checkpoint {value} does not exist")
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_fits_a_header(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if not token:
+            raise ValueError("TTA_ADMIN_TOKEN is empty: unset it, or set it to a secret")
+        if not (token.isascii() and token.isprintable()) or " " in token:
+            # It travels in `Authorization: Bearer <token>`, where the server refuses non-ASCII bytes (400).
+            raise ValueError("TTA_ADMIN_TOKEN must be printable ASCII without spaces")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _key_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"API key file {value} does not exist")
         return value
 
     def reliable_threshold(self, num_classes: int) -> float:

@@ -10,6 +10,7 @@ import torch
 from fastapi import FastAPI
 
 from app.adaptation.engine import AdaptationEngine
+from app.api.auth import install_auth
 from app.api.errors import install_error_handlers
 from app.api.routes import router
 from app.config import Settings
@@ -103,5 +104,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_auth(app, settings)  # here, not in the lifespan: a bad key file stops `tta serve` before it listens
     app.include_router(router)
     return app

@@ -1,15 +1,15 @@
 """HTTP routes: thin; they parse, hand images to the batcher, and shape the answer."""
 
 import json
-import secrets
 import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.api.auth import require_admin, require_api_key
 from app.api.parsing import parse_feedback, parse_predict
 from app.api.schemas import (
     ERROR_RESPONSES,
@@ -72,6 +72,7 @@ def _service(request: Request) -> Any:
 @router.post(
     "/predict",
     response_model=PredictResponse,
+    dependencies=[Depends(require_api_key)],
     responses=ERROR_RESPONSES,
     openapi_extra=PREDICT_BODY,
     summary="Classify one or more images (prediction first, then the model adapts on the batch)",
@@ -123,6 +124,7 @@ async def predict(request: Request) -> Response:
 @router.post(
     "/feedback",
     response_model=FeedbackResponse,
+    dependencies=[Depends(require_api_key)],
     responses=ERROR_RESPONSES,
     openapi_extra=FEEDBACK_BODY,
     summary="Late labels for earlier predictions: one {id, label} or a list of them",
@@ -140,27 +142,14 @@ async def feedback(request: Request) -> dict[str, int]:
 @router.post(
     "/reset",
     response_model=ResetResponse,
+    dependencies=[Depends(require_admin)],
     responses=ERROR_RESPONSES,
     summary="Admin: return the adaptation to the source model, between two batches",
 )
-async def reset(request: Request, authorization: str | None = Header(None)) -> dict[str, Any]:
+async def reset(request: Request) -> dict[str, Any]:
     service = _service(request)
-    token = service.settings.admin_token
-    if token is not None:
-        _check_bearer(authorization, token.get_secret_value())
     await service.worker.reset("manual")
     return {"reset": True, "adaptation_step": service.worker.snapshot["steps_since_reset"]}
-
-
-def _check_bearer(authorization: str | None, token: str) -> None:
-    if authorization is not None and not authorization.isascii():
-        # Header bytes arrive decoded as latin-1; a bearer token is ASCII (RFC 6750), so this is a broken header.
-        raise InputError(400, "invalid_header", "the Authorization header holds non-ASCII bytes")
-    if not authorization or not authorization.startswith("Bearer "):
-        raise InputError(401, "unauthorized", "POST /reset needs 'Authorization: Bearer <TTA_ADMIN_TOKEN>'")
-    # Bytes: compare_digest raises TypeError on str with non-ASCII characters (a token may hold some).
-    if not secrets.compare_digest(authorization.removeprefix("Bearer ").encode(), token.encode()):
-        raise InputError(403, "forbidden", "the admin token is wrong")
 
 
 @router.get("/v1/status", response_model=StatusResponse, summary="Method, model, adaptation and guard state, figures")

@@ -69,8 +69,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "an image cannot be decoded (invalid_image, empty_image), the body is malformed (bad_base64, "
         "invalid_json, malformed_multipart) or a header cannot be read (invalid_header)",
-        401: "admin route without a bearer token (when TTA_ADMIN_TOKEN is set)",
-        403: "admin route with a wrong token",
+        401: "no admin token on POST /reset (when TTA_ADMIN_TOKEN is set) or no API key on /predict and /feedback "
+        "(when TTA_API_KEYS is set)",
+        403: "a wrong admin token or API key, or an API key not allowed the request's stream",
         404: "unknown or expired prediction id",
         409: "the prediction already has a label",
         413: "too many bytes, files, fields or pixels (request_too_large, image_too_large, too_many_files, "
