@@ -47,10 +47,10 @@ class Settings(BaseSettings):
     max_feedback_bytes: int = Field(2**20, ge=1, description="body of one POST /feedback")
     # Pixels, not bytes, are what decoding costs (deflate packs ~340 pixels in a byte): README, "Upload limits".
     max_image_pixels: int = Field(
-        4096 * 4096, ge=1, description="width x height one image may declare, checked before decoding"
+        3840 * 2160, ge=1, description="width x height one image may declare, checked before decoding"
     )
     max_request_pixels: int = Field(
-        2 * 4096 * 4096,
+        4096 * 4096,
         ge=1,
         description="pixels decoded for one request, summed over its images (JPEGs after DCT-domain reduction)",
     )

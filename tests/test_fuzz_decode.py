@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.malformed import forge_size, gif_canvas_bomb, malformed_inputs, png_declaring, seed_images
+from bench.malformed import forge_size, gif_canvas_bomb, malformed_inputs, png_declaring, seed_images
 from tests.servers import running_server
 
 FUZZ_INPUTS = 10_000
@@ -44,7 +44,7 @@ def test_fixed_regressions_are_refused_cleanly(model_path: Path) -> None:
             # the 68-byte PNG of issue #14 (SIGSEGV before): past the per-image limit, refused from its header
             (png_declaring(6400, 6250), 413, "too_many_pixels"),
             # the same forgery within the limit reaches the decoder, which must refuse it, not crash
-            (png_declaring(4000, 4000), 400, "invalid_image"),
+            (png_declaring(2000, 2000), 400, "invalid_image"),
             (png_declaring(1, 1, idat=b""), 400, "invalid_image"),
             # 407 bytes that declared a 6000 x 6000 canvas doubled the server's memory
             (gif_canvas_bomb(6000), 413, "too_many_pixels"),
@@ -54,17 +54,18 @@ def test_fixed_regressions_are_refused_cleanly(model_path: Path) -> None:
             assert (response.status_code, response.json()["error"]) == (status, code), response.text
         # within the per-image limit, a 10-frame canvas decodes only its first frame
         assert client.post("/predict", **as_multipart("gif", gif_canvas_bomb(2000))).status_code == 200
-        # 64 JPEGs of ~1 KB that declare 4000 x 4000 took 17.8 s to decode: now each is decoded reduced (1/8 in the
-        # DCT domain for a 32 px model), so the request costs what 64 images of 500 x 500 cost
+        # 64 JPEGs of ~1 KB that declared 6000 x 6000 took 17.8 s to decode. Now those are refused from their headers,
+        # and within the limit each is decoded reduced (1/8 in the DCT domain for a 32 px model): this request costs
+        # what 64 images of 375 x 250 cost
         jpeg = next(data for fmt, data in seed_images(np.random.default_rng(0)) if fmt == "JPEG")
-        forged = forge_size("JPEG", jpeg, 4000, 4000)
+        forged = forge_size("JPEG", jpeg, 3000, 2000)
         started = time.monotonic()
         response = client.post("/predict", files=[("files", (f"{i}.jpg", forged, "image/jpeg")) for i in range(64)])
         assert response.status_code in (200, 400), response.text
         assert time.monotonic() - started < 5
         # three PNGs within the per-image limit but past the per-request budget: refused before any is decoded
         response = client.post(
-            "/predict", files=[("files", (f"{i}.png", png_declaring(4000, 4000), "image/png")) for i in range(3)]
+            "/predict", files=[("files", (f"{i}.png", png_declaring(3000, 2500), "image/png")) for i in range(3)]
         )
         assert (response.status_code, response.json()["error"]) == (413, "too_many_pixels"), response.text
         assert "per request" in response.json()["detail"]

@@ -107,7 +107,8 @@ def _open(name: str, data: bytes, size: int, limits: ImageLimits) -> Image.Image
 def _pixels(name: str, image: Image.Image) -> torch.Tensor:
     """Decode the (first frame of the) image as 3 x H x W uint8."""
     try:
-        rgb = image.convert("RGB")
+        image.load()
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
     except Exception as error:  # truncated or corrupt data, a decoder error: the request's fault, never the server's
         raise InputError(
             400, "invalid_image", f"image {name!r} is corrupt or truncated and cannot be decoded"

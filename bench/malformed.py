@@ -1,4 +1,4 @@
-"""Malformed images for the decoder fuzz test: real encodings of every accepted format, then mutated.
+"""Malformed images for the decoder fuzz test (tests/test_fuzz_decode.py) and bench.decode_cost.
 
 The mutations are the ones that found crashes in image decoders before: bit flips, overwritten runs, truncation,
 splices of two files, and forged dimensions written into each format's own header fields (with the PNG chunk
@@ -21,7 +21,8 @@ FORGED_SIZES = [
     (1, 65535),
     (640, 480),
     (4000, 4000),
-    (4096, 4097),
+    (3840, 2160),
+    (3841, 2160),
     (6400, 6250),
     (65535, 65535),
 ]
