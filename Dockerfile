@@ -3,15 +3,17 @@
 #
 # Build and run (the build needs BuildKit, Docker's default builder since 23.0, or buildah/podman):
 #   docker build -t tta-server .
-#   docker run --rm -p 8000:8000 tta-server                        # CPU
-#   docker run --rm -p 8000:8000 --gpus all tta-server             # GPU: NVIDIA container toolkit on the host
-#   docker run --rm -p 8000:8000 -e TTA_METHOD=norm -e TTA_SHADOW_SOURCE=true tta-server
+#   export TTA_ADMIN_TOKEN=<a secret>                              # the bearer token of POST /reset
+#   docker run --rm -p 127.0.0.1:8000:8000 -e TTA_ADMIN_TOKEN tta-server                  # CPU
+#   docker run --rm -p 127.0.0.1:8000:8000 -e TTA_ADMIN_TOKEN --gpus all tta-server       # GPU: NVIDIA toolkit
+#   docker run --rm -p 127.0.0.1:8000:8000 -e TTA_ADMIN_TOKEN -e TTA_METHOD=norm tta-server
 # The full stack (server, Prometheus with alert rules, Grafana): docker compose -f docker/compose.yaml up.
 #
 # Configuration: the same TTA_ environment variables as `tta serve` everywhere (app/config.py). The image
-# sets TTA_HOST=0.0.0.0 and TTA_PORT=8000; a custom model is a mounted file plus
-# -e TTA_MODEL=/models/x.safetensors (its .json model card beside it). ENTRYPOINT ["tta"] and CMD ["serve"]
-# are exec form, so the server is PID 1 and gets SIGTERM itself (graceful drain, TTA_SHUTDOWN_GRACE_S);
+# sets TTA_HOST=0.0.0.0 and TTA_PORT=8000, and a server listening beyond loopback refuses to start without
+# TTA_ADMIN_TOKEN (or TTA_ALLOW_OPEN_ADMIN=true): give the token at run time, never in a layer. A custom model is
+# a mounted file plus -e TTA_MODEL=/models/x.safetensors (its .json model card beside it). ENTRYPOINT ["tta"] and
+# CMD ["serve"] are exec form, so the server is PID 1 and gets SIGTERM itself (graceful drain, TTA_SHUTDOWN_GRACE_S);
 # `docker run IMAGE serve --method none` passes flags. HEALTHCHECK polls /healthz on 127.0.0.1:$TTA_PORT.
 #
 # Build arguments:

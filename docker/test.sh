@@ -12,8 +12,10 @@
 #                   the wheels from the wheelhouse; TTA_DOCKER_TEST_OFFLINE=1 builds with PIP_NO_INDEX=1 instead.
 #   4. inspect      entrypoint, command, user, exposed port, TTA_HOST, healthcheck of the built image.
 #   5. run          the image's own entrypoint + command in a working container (buildah from + buildah run: chroot
-#                   isolation shares the host's loopback), TTA_PORT=<free port>; GET /readyz, the image's
-#                   HEALTHCHECK command, POST /predict with a real labelled JPEG, GET /metrics.
+#                   isolation shares the host's loopback): first without TTA_ADMIN_TOKEN, which it must refuse
+#                   (exit status 2: it listens on 0.0.0.0), then with TTA_ADMIN_TOKEN=<a random token> and
+#                   TTA_PORT=<free port>; GET /readyz, the image's HEALTHCHECK command, POST /predict with a real
+#                   labelled JPEG, GET /metrics, POST /reset without the token (401) and with it (200).
 #   6. stop         SIGTERM to the server process (buildah run does not forward signals), which must exit 0 in time.
 # Cleanup (trap): the working container, the built image and the build's intermediate images; the base image and
 # the wheelhouse are kept on purpose (remove them with `podman rmi localhost/tta-base:bookworm` and
@@ -217,6 +219,9 @@ echo "healthcheck $healthcheck"
 case "$user" in "" | root | 0 | 0:*) fail "the image runs as root (User=$user)" ;; esac
 case " $ports " in *" 8000/tcp "*) ;; *) fail "port 8000 is not exposed ($ports)" ;; esac
 case " $image_env " in *" TTA_HOST=0.0.0.0 "*) ;; *) fail "TTA_HOST=0.0.0.0 is not set in the image ($image_env)" ;; esac
+case " $image_env " in *" TTA_ADMIN_TOKEN="* | *" TTA_ALLOW_OPEN_ADMIN="*)
+    fail "the image sets TTA_ADMIN_TOKEN or TTA_ALLOW_OPEN_ADMIN: a token in a layer is no secret" ;;
+esac
 case "$healthcheck" in *healthz*) ;; *) fail "no HEALTHCHECK on /healthz ($healthcheck)" ;; esac
 [ ${#health_argv[@]} -gt 0 ] || fail "cannot read the HEALTHCHECK command ($healthcheck)"
 
@@ -224,8 +229,19 @@ case "$healthcheck" in *healthz*) ;; *) fail "no HEALTHCHECK on /healthz ($healt
 stage run
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 container="$(buildah from --pull=never --name "tta-docker-test-$$" "$image")"
-echo "container $container: ${argv[*]} with TTA_PORT=$port"
-buildah run --isolation chroot --env "TTA_PORT=$port" "$container" -- "${argv[@]}" >"$workdir/server.log" 2>&1 &
+# Without a token the server must refuse to listen on the image's 0.0.0.0. The status is read inside the container
+# (not through buildah run), and timeout stops a server that started after all.
+buildah run --isolation chroot --env "TTA_PORT=$port" "$container" -- \
+    /bin/sh -c 'timeout 120 "$@"; echo "exit status $?"' sh "${argv[@]}" >"$workdir/refused.log" 2>&1 || true
+if ! grep -qx 'exit status 2' "$workdir/refused.log" || ! grep -q 'without TTA_ADMIN_TOKEN' "$workdir/refused.log"; then
+    cat "$workdir/refused.log"
+    fail "without TTA_ADMIN_TOKEN the image's server did not refuse to start (exit status 2, log above)"
+fi
+echo "without TTA_ADMIN_TOKEN: refused to start, exit status 2"
+admin_token="$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+echo "container $container: ${argv[*]} with TTA_PORT=$port and a TTA_ADMIN_TOKEN"
+buildah run --isolation chroot --env "TTA_PORT=$port" --env "TTA_ADMIN_TOKEN=$admin_token" "$container" -- \
+    "${argv[@]}" >"$workdir/server.log" 2>&1 &
 run_pid=$!
 
 descendants() {  # every process below PID $1
@@ -254,7 +270,7 @@ buildah run --isolation chroot --env "TTA_PORT=$port" "$container" -- "${health_
 echo "HEALTHCHECK command: ok"
 
 # One real labelled image: a CIFAR-10 test JPEG from ../shared when present, else a generated PNG.
-python3 - "$repo/../shared/data/cifar10-jpeg/test.zip" "$workdir" <<'PY'
+python3 - "${TTA_SHARED_DIR:-$repo/../shared}/data/cifar10-jpeg/test.zip" "$workdir" <<'PY'
 import pathlib, struct, sys, zipfile, zlib
 archive, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 if archive.is_file():
@@ -292,6 +308,11 @@ for series in 'tta_predictions_total 1.0' 'tta_labels_total{model="adapted"} 1.0
     grep -qF "$series" "$workdir/metrics.txt" || fail "/metrics lacks '$series'"
 done
 echo "GET /metrics: $(grep -c '^tta_' "$workdir/metrics.txt") tta_ samples, tta_predictions_total 1"
+reset_status="$(curl -sS -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$port/reset")"
+[ "$reset_status" = 401 ] || fail "POST /reset without the token answered $reset_status, expected 401"
+curl -fsS -X POST -H "Authorization: Bearer $admin_token" "http://127.0.0.1:$port/reset" >/dev/null \
+    || fail "POST /reset with the token failed"
+echo "POST /reset: 401 without the token, 200 with it"
 
 # ---------------------------------------------------------------------------------------------------- 6. stop
 stage stop

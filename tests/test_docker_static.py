@@ -150,18 +150,57 @@ def test_compose_services_contract() -> None:
     tta, gpu = services["tta"], services["tta-gpu"]
     assert "profiles" not in tta, "the CPU server must start without a profile"
     assert tta["environment"]["TTA_SHADOW_SOURCE"] == "true" and tta["environment"]["TTA_DEVICE"] == "cpu"
-    assert "8000:8000" in tta["ports"]
+    assert published_ports("tta") == [("127.0.0.1", "8000", "8000")]
     assert gpu["profiles"] == ["gpu"] and gpu["environment"]["TTA_DEVICE"] == "cuda"
     assert gpu["environment"]["TTA_SHADOW_SOURCE"] == "true"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert "9090:9090" in services["prometheus"]["ports"]
-    assert "3000:3000" in services["grafana"]["ports"]
+    assert published_ports("tta-gpu") == [("127.0.0.1", "8001", "8000")]
+    assert published_ports("prometheus") == [("127.0.0.1", "9090", "9090")]
+    assert published_ports("grafana") == [("127.0.0.1", "3000", "3000")]
     grafana_env = services["grafana"]["environment"]
     assert grafana_env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert grafana_env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     home = grafana_env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert container_to_host("grafana", home) == DASHBOARD.resolve(), f"home dashboard {home} is not tta.json"
+
+
+# `${NAME:-default}` and `${NAME:?message}` of Compose's interpolation.
+COMPOSE_DEFAULT = re.compile(r"\$\{(\w+):-([^}]*)\}")
+COMPOSE_REQUIRED = re.compile(r"\$\{(\w+):\?([^}]+)\}")
+
+
+def published_ports(service: str) -> list[tuple[str, str, str]]:
+    """(host address, host port, container port) of a service's published ports, with the defaults of the file."""
+    ports = []
+    for port in compose()["services"][service].get("ports", []):
+        parts = COMPOSE_DEFAULT.sub(r"\2", str(port)).rsplit(":", 2)
+        # Left out, the host address is every interface and the host port a random one.
+        address, host_port, container_port = ["0.0.0.0", "random"][: 3 - len(parts)] + parts
+        ports.append((address, host_port, container_port))
+    return ports
+
+
+def test_compose_is_secure_by_default() -> None:
+    """Published on loopback only unless PUBLISH_ADDRESS says otherwise; the servers get a token that `docker compose
+    up` requires (so they can start: they listen on 0.0.0.0 in their containers); no Prometheus lifecycle or admin
+    API (/-/quit, /-/reload); no default Grafana admin password."""
+    services = compose()["services"]
+    for name, service in services.items():
+        for address, host_port, _ in published_ports(name):
+            assert address == "127.0.0.1", f"{name} publishes port {host_port} on {address}"
+        for port in service.get("ports", []):
+            assert port.startswith("${PUBLISH_ADDRESS:-127.0.0.1}:"), f"{name}: {port}"
+    for name in ("tta", "tta-gpu"):
+        environment = services[name]["environment"]
+        required = COMPOSE_REQUIRED.fullmatch(environment.get("TTA_ADMIN_TOKEN", ""))
+        assert required and required.group(1) == "TTA_ADMIN_TOKEN", f"{name}: TTA_ADMIN_TOKEN is not required"
+        assert "TTA_ALLOW_OPEN_ADMIN" not in environment
+    flags = " ".join(services["prometheus"]["command"])
+    assert "--web.enable-lifecycle" not in flags and "--web.enable-admin-api" not in flags
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    required = COMPOSE_REQUIRED.fullmatch(password)
+    assert required and required.group(1) == "GRAFANA_ADMIN_PASSWORD", f"Grafana's admin password: {password}"
 
 
 def container_to_host(service: str, container_path: str) -> Path | None:
@@ -178,11 +217,20 @@ def test_docker_compose_config_validates() -> None:
             break
     else:
         pytest.skip("no Docker Compose v2 CLI (docker compose / docker-compose); the YAML checks above still ran")
+    required = {"TTA_ADMIN_TOKEN": "a-token", "GRAFANA_ADMIN_PASSWORD": "a-password"}
     for profile in ([], ["--profile", "gpu"]):
         result = subprocess.run(
-            [*command, "-f", str(COMPOSE), *profile, "config", "--quiet"], capture_output=True, text=True
+            [*command, "-f", str(COMPOSE), *profile, "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **required},
         )
         assert result.returncode == 0, result.stdout + result.stderr
+    unset = {k: v for k, v in os.environ.items() if k not in required}
+    result = subprocess.run(
+        [*command, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True, env=unset
+    )
+    assert result.returncode != 0 and "TTA_ADMIN_TOKEN" in result.stderr, "compose starts without TTA_ADMIN_TOKEN"
 
 
 # ----------------------------------------------------------------------------------------------- Grafana
@@ -254,6 +302,9 @@ def test_dockerfile_contract() -> None:
     assert user not in ("root", "0"), "the image must not run as root"
     env = " ".join(value for name, value in instructions if name == "ENV")
     assert "TTA_HOST=0.0.0.0" in env and "/opt/venv/bin" in env
+    # Listening on 0.0.0.0, the server needs a token given at run time: none baked into a layer, no open admin.
+    settings = " ".join(value for name, value in instructions if name in ("ENV", "ARG"))
+    assert "TTA_ADMIN_TOKEN" not in settings and "TTA_ALLOW_OPEN_ADMIN" not in settings
     copies = [value for name, value in instructions if name == "COPY"]
     deps_run = next(i for i, (n, v) in enumerate(instructions) if n == "RUN" and "pip-install.sh deps" in v)
     code_copy = next(i for i, (n, v) in enumerate(instructions) if n == "COPY" and v.startswith("app "))
