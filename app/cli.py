@@ -22,6 +22,7 @@ FLAGS = {  # flag -> (setting, type, help)
     "--max-wait-ms": ("max_wait_ms", float, "wait for a fuller batch (TTA_MAX_WAIT_MS)"),
     "--max-queue-images": ("max_queue_images", int, "queue bound (TTA_MAX_QUEUE_IMAGES)"),
     "--request-timeout-s": ("request_timeout_s", float, "answer 504 after (TTA_REQUEST_TIMEOUT_S)"),
+    "--max-queue-delay-ms": ("max_queue_delay_ms", float, "admission budget (TTA_MAX_QUEUE_DELAY_MS)"),
 }
 
 

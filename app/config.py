@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default" / "cifar10_resnet20.safetensors"
@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the oldest request waits for a fuller batch")
     max_queue_images: int = Field(1024, ge=1, description="images waiting beyond this answer 503")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request not answered by then gets 504")
+    # Default: half the timeout. A request admitted at the budget then has as long again before its 504 for the
+    # throughput estimate to be wrong (a neighbour taking the CPU, slower batches), and the backlog an overload leaves
+    # behind is at most that many seconds of work.
+    max_queue_delay_ms: float | None = Field(
+        None,
+        gt=0,
+        description="admit a request only if its images are expected to be computed within this; "
+        "default request_timeout_s / 2",
+    )
     top_k: int = Field(5, ge=1, le=1000)
     max_files_per_request: int = Field(64, ge=1, le=4096)
     max_image_bytes: int = Field(8 * 2**20, ge=1, description="encoded bytes of one image")
@@ -157,6 +166,16 @@ class Settings(BaseSettings):
         if value is not None and not value.is_file():
             raise ValueError(f"API key file {value} does not exist")
         return value
+
+    @model_validator(mode="after")
+    def _queue_delay_within_timeout(self) -> "Settings":
+        if self.queue_delay_s() >= self.request_timeout_s:
+            raise ValueError("max_queue_delay_ms must be below request_timeout_s, or admitted requests would time out")
+        return self
+
+    def queue_delay_s(self) -> float:
+        """The admission budget in seconds (TTA_MAX_QUEUE_DELAY_MS, by default half the request timeout)."""
+        return self.max_queue_delay_ms / 1000 if self.max_queue_delay_ms is not None else self.request_timeout_s / 2
 
     def reliable_threshold(self, num_classes: int) -> float:
         return self.reliable_entropy * math.log(num_classes)

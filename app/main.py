@@ -53,7 +53,13 @@ def build_service(settings: Settings) -> Service:
     device = resolve_device(settings.device)
     engine = AdaptationEngine(model, card.num_classes, settings, device)
     worker = ModelWorker(engine, card.mean, card.std, settings.top_k)
-    batcher = Batcher(worker.predict, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue_images)
+    batcher = Batcher(
+        worker.predict,
+        settings.max_batch_size,
+        settings.max_wait_ms / 1000,
+        settings.max_queue_images,
+        settings.queue_delay_s(),
+    )
     ledger = PredictionLedger(
         card.num_classes, settings.ledger_size, settings.ledger_max_age_s, settings.prequential_window
     )

@@ -229,6 +229,15 @@ def _client(timeout_s: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=limits, timeout=timeout_s, trust_env=False, verify=_SSL_CONTEXT)
 
 
+@dataclass
+class Sample:
+    """One answer of the open loop: when it was scheduled (time.perf_counter()), its status, its latency in s."""
+
+    scheduled: float
+    status: int | str
+    latency_s: float
+
+
 def _tally(status: int | str, since: float, statuses: Counter, latencies: list[float]) -> None:
     """Count the answer's status; a 2xx answer also gives a latency, from `since`."""
     statuses[status] += 1
@@ -283,12 +292,13 @@ async def open_loop(
     path: str = "/predict",
     max_in_flight: int = 512,
     seed: int = 0,
+    samples: list[Sample] | None = None,
 ) -> tuple[list[float], Counter, float, str, float]:
     """Poisson arrivals at `rate`/s; at most `max_requests` arrivals, none scheduled after `duration_s`.
 
     Each arrival takes an idle single-connection client (a new one when none is idle, up to `max_in_flight`).
     Returns (latencies of 2xx answers from the scheduled arrival, statuses, elapsed s, what stopped it,
-    worst lateness of a send in s).
+    worst lateness of a send in s). With `samples`, every answer is also appended to it, whatever its status.
     """
     target = url.rstrip("/") + path
     rng = random.Random(seed)
@@ -306,6 +316,8 @@ async def open_loop(
         finally:
             idle.append(client)
         _tally(status, scheduled, statuses, latencies)
+        if samples is not None:
+            samples.append(Sample(scheduled, status, time.perf_counter() - scheduled))
 
     start = time.perf_counter()
     try:

@@ -11,6 +11,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics.ledger import LabelError
+from app.serving.batcher import OverloadError
 from app.serving.preprocess import InputError
 
 KNOWN_ROUTES = {"/predict", "/feedback", "/reset", "/v1/status", "/healthz", "/readyz", "/metrics"}
@@ -23,8 +24,8 @@ CLIENT_CLOSED_REQUEST = 499
 log = logging.getLogger("tta")
 
 
-def error_response(status: int, code: str, detail: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
+def error_response(status: int, code: str, detail: str, retry_after_s: int = 1) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)} if status == 503 else None
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -33,6 +34,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LabelError)
     async def _known(request: Request, error: InputError | LabelError) -> JSONResponse:
         return error_response(error.status, error.code, error.detail)
+
+    @app.exception_handler(OverloadError)
+    async def _overloaded(request: Request, error: OverloadError) -> JSONResponse:
+        return error_response(503, error.code, error.detail, error.retry_after_s)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:

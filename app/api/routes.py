@@ -82,6 +82,7 @@ async def predict(request: Request) -> Response:
     settings, card = service.settings, service.card
     started = time.monotonic()
     files, labels = await parse_predict(request, settings)
+    service.batcher.admit(len(files))  # before decoding, the costly part; submit() checks again after it
     for label in labels or ():
         service.ledger.check_label(label)
     images = await service.decoder.decode(files)
@@ -185,6 +186,9 @@ async def status(request: Request) -> dict[str, Any]:
             "max_wait_ms": settings.max_wait_ms,
             "queue_depth": service.batcher.queued_images,
             "max_queue_images": settings.max_queue_images,
+            "max_queue_delay_ms": settings.queue_delay_s() * 1000,
+            "throughput_images_per_s": service.batcher.throughput.images_per_s,
+            "expected_wait_s": service.batcher.expected_wait_s(0),
         },
         "prequential": prequential,
         "ledger_entries": len(service.ledger),

@@ -1,12 +1,18 @@
-"""Dynamic batching on the event loop.
+"""Dynamic batching on the event loop, and admission.
 
 A batch is dispatched when it holds `max_batch_size` images or when its oldest request has waited
 `max_wait_s`. While the worker runs one batch the next one fills, so batches grow with load. A
-request's images stay together and in order; the queue is bounded in images; a request past its
-deadline is dropped from the queue (its images are never computed) and answered 504 by its route.
+request's images stay together and in order; a request past its deadline is dropped from the queue
+(its images are never computed) and answered 504 by its route.
+
+Admission is by time as well as by count: a request is refused at once (503 `overloaded`) when its
+images would not be computed within `max_queue_delay_s`, estimated from the images ahead of it and
+the throughput measured over recent batches. The queue bound in images (503 `queue_full`) still
+holds, and is the only bound before the first batch has measured the throughput.
 """
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -16,6 +22,37 @@ import torch
 
 from app.serving.preprocess import InputError
 from app.serving.worker import BatchOutput
+
+
+class OverloadError(InputError):
+    """503 with an honest Retry-After: the seconds until the queue should have room for the request."""
+
+    def __init__(self, code: str, detail: str, retry_after_s: int) -> None:
+        super().__init__(503, code, detail)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class Throughput:
+    """Images per second the worker computes, over recent batches.
+
+    Images and seconds are summed with a decay per batch, and their ratio is the estimate: each batch counts by
+    its size and time, so a run of small batches under light load does not pass for the speed of full ones, and
+    the estimate follows a change (load, a neighbour taking the CPU) within a few batches.
+    """
+
+    decay: float = 0.8
+    images: float = 0.0
+    seconds: float = 0.0
+
+    def observe(self, images: int, seconds: float) -> None:
+        self.images = self.decay * self.images + images
+        self.seconds = self.decay * self.seconds + seconds
+
+    @property
+    def images_per_s(self) -> float | None:
+        """None until a batch has been computed (cold start)."""
+        return self.images / self.seconds if self.seconds > 0 else None
 
 
 @dataclass
@@ -41,13 +78,18 @@ class Batcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue_images: int,
+        max_queue_delay_s: float,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
+        self.max_queue_delay_s = max_queue_delay_s
         self._queue: deque[_Pending] = deque()
         self.queued_images = 0
+        self.computing_images = 0  # in the batch the worker is running
+        self.throughput = Throughput()
+        self._busy_since: float | None = None  # when the last batch ended with work already waiting
         self._arrived = asyncio.Event()
         self._accepting = True
         self._task: asyncio.Task | None = None
@@ -68,11 +110,49 @@ class Batcher:
             if not pending.future.done():
                 pending.future.set_exception(InputError(503, "shutting_down", "the server is shutting down"))
 
-    async def submit(self, images: torch.Tensor, timeout_s: float) -> RequestResult:
+    def expected_wait_s(self, count: int) -> float | None:
+        """Seconds until `count` more images would be computed: the queue and the running batch go first.
+
+        None while the throughput is unknown.
+        """
+        rate = self.throughput.images_per_s
+        if rate is None:
+            return None
+        return (self.queued_images + self.computing_images + count) / rate
+
+    def admit(self, count: int, within_s: float = math.inf) -> None:
+        """Refuse (503) a request of `count` images that the queue has no room or no time for.
+
+        Called before a request's images are decoded, so an overloaded server does not pay for decoding what it
+        refuses, and again when they are queued. `within_s` narrows the budget to the time the request has left.
+        """
         if not self._accepting:
             raise InputError(503, "shutting_down", "the server is shutting down; retry on another instance")
-        if self.queued_images + len(images) > self.max_queue_images:
-            raise InputError(503, "queue_full", f"the queue holds {self.queued_images} images; retry shortly")
+        self._check_room(count)
+        self._check_time(count, min(self.max_queue_delay_s, within_s))
+
+    def _check_room(self, count: int) -> None:
+        excess = self.queued_images + count - self.max_queue_images
+        if excess > 0:
+            # room is made at the measured rate; before it is known, retrying soon is all that can be said
+            rate = self.throughput.images_per_s
+            raise OverloadError(
+                "queue_full",
+                f"the queue holds {self.queued_images} images; retry shortly",
+                _ceil(excess / rate if rate else 1),
+            )
+
+    def _check_time(self, count: int, budget_s: float) -> None:
+        wait = self.expected_wait_s(count)
+        if wait is not None and wait > budget_s:
+            raise OverloadError(
+                "overloaded",
+                f"these images would be answered in about {wait:.1f} s, past the {budget_s:.1f} s this server allows",
+                _ceil(wait - budget_s),  # once that much work is done, a request like this one fits again
+            )
+
+    async def submit(self, images: torch.Tensor, timeout_s: float) -> RequestResult:
+        self.admit(len(images), within_s=timeout_s)
         pending = _Pending(images, time.monotonic())
         self._queue.append(pending)
         self.queued_images += len(images)
@@ -125,8 +205,12 @@ class Batcher:
 
     async def _run(self, batch: list[_Pending]) -> None:
         dispatched = time.monotonic()
+        # Under load, the time from the previous batch's end counts too (handing out its results, forming this
+        # batch): the rate the queue drains at is what admission needs, not only the model's speed.
+        started = dispatched if self._busy_since is None else self._busy_since
         size = sum(len(p.images) for p in batch)
         self.on_batch(size, dispatched - batch[0].enqueued_at)
+        self.computing_images = size
         try:
             output = await self._run_batch([p.images for p in batch])
         except Exception as error:  # every request of the batch hears about it; the loop goes on
@@ -134,6 +218,11 @@ class Batcher:
                 if not pending.future.done():
                     pending.future.set_exception(error)
             return
+        finally:
+            self.computing_images = 0
+            ended = time.monotonic()
+            self._busy_since = ended if self._queue else None
+        self.throughput.observe(size, ended - started)
         offset = 0
         for pending in batch:
             if not pending.future.done():
@@ -141,3 +230,8 @@ class Batcher:
                     RequestResult(output, offset, len(pending.images), size, dispatched - pending.enqueued_at)
                 )
             offset += len(pending.images)
+
+
+def _ceil(seconds: float) -> int:
+    """Whole seconds for Retry-After, at least 1."""
+    return max(1, math.ceil(seconds))
