@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from uvicorn.config import LOG_LEVELS
 
 from app.config import Settings, is_loopback
+from app.serving.http_timeouts import with_read_timeouts
 
 FLAGS = {  # flag -> (setting, type, help)
     "--host": ("host", str, "address to bind (TTA_HOST)"),
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        http=with_read_timeouts(settings.header_timeout_s, settings.body_timeout_s),
+        ws="none",  # no websocket route; an upgrade request is then plain HTTP, timed like any other
+        limit_concurrency=settings.max_connections,
+        backlog=settings.backlog,
     )
 
 

@@ -47,6 +47,14 @@ class Settings(BaseSettings):
         description="admit a request only if its images are expected to be computed within this; "
         "default request_timeout_s / 2",
     )
+    # Slow clients (README, "Slow clients"): a request's headers are a few hundred bytes, and a body of a few images
+    # takes well under a second on any link these requests come over; the timeouts free what a trickle would hold.
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection whose request headers take longer is closed")
+    body_timeout_s: float = Field(20.0, gt=0, description="a request body that takes longer is answered 408")
+    max_connections: int = Field(
+        1024, ge=1, description="uvicorn limit_concurrency: past this many connections, requests are answered 503"
+    )
+    backlog: int = Field(2048, ge=1, description="connections the kernel queues before they are accepted")
     top_k: int = Field(5, ge=1, le=1000)
     max_files_per_request: int = Field(64, ge=1, le=4096)
     max_image_bytes: int = Field(8 * 2**20, ge=1, description="encoded bytes of one image")
