@@ -9,7 +9,7 @@ With every guard off, `tent` is TENT as published; the guards are described in R
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -233,10 +233,12 @@ class AdaptationEngine:
 
     def _fresh_guard_state(self) -> None:
         self._buffer: list[torch.Tensor] = []
-        self.monitor = CollapseMonitor(
-            self.num_classes, self.settings.entropy_ema_decay, self.settings.diversity_window, self.settings.min_batch
-        )
+        self.monitor = self._new_monitor()
         self.optimizer = self._make_optimizer()
+
+    def _new_monitor(self) -> CollapseMonitor:
+        s = self.settings
+        return CollapseMonitor(self.num_classes, s.entropy_ema_decay, s.diversity_window, s.min_batch)
 
     def _make_optimizer(self) -> torch.optim.Optimizer | None:
         if self.settings.method != "tent":
@@ -266,6 +268,57 @@ class AdaptationEngine:
                 current[name].copy_(value)
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(_clone_optimizer_state(state["optimizer"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly from here, in this process or another: adapted parameters, test
+        statistics, optimiser state, small-batch buffer, collapse monitor, counters. Clones (on the engine's
+        device) and plain values, so that a snapshot file holds it without pickling. New adaptation state belongs
+        in `_adaptable_state` or `EngineStats`, which this reads, or here."""
+        adaptable = self._adaptable_state()
+        optimizer = adaptable.get("optimizer")
+        return {
+            "method": self.settings.method,
+            "optimizer": self.settings.optimizer if self.optimizer is not None else None,
+            "tensors": adaptable.get("tensors", {}),
+            # Per parameter, keyed by its position in `params`; the hyperparameters are the settings', not the state's.
+            "optimizer_state": {str(i): s for i, s in optimizer["state"].items()} if optimizer else None,
+            "buffer": torch.cat(self._buffer) if self._buffer else None,
+            "monitor": self.monitor.state_dict(),
+            "stats": {f.name: _plain(getattr(self.stats, f.name)) for f in fields(EngineStats)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()`, possibly another process's. Everything is checked before anything changes:
+        a state that does not fit this engine raises ValueError (or KeyError) and leaves the engine as it was."""
+        kind = (self.settings.method, self.settings.optimizer if self.optimizer is not None else None)
+        if (state["method"], state["optimizer"]) != kind:
+            raise ValueError(
+                f"state of method {state['method']} (optimiser {state['optimizer']}), this engine runs {kind[0]} "
+                f"(optimiser {kind[1]})"
+            )
+        _check_tensors(state["tensors"], self._initial_state.get("tensors", {}))
+        optimizer = self._optimizer_state_from(state["optimizer_state"])
+        monitor = self._new_monitor()
+        monitor.load_state_dict(state["monitor"])
+        stats = _stats_from(state["stats"])
+        buffer = [state["buffer"].to(self.device, copy=True)] if state["buffer"] is not None else []
+        self._restore({"tensors": state["tensors"], "optimizer": optimizer})
+        self._buffer, self.monitor, self.stats = buffer, monitor, stats
+
+    def _optimizer_state_from(self, saved: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
+        """The optimiser's own state_dict for per-parameter state saved by `state_dict()`, checked against `params`."""
+        if self.optimizer is None:
+            return None
+        state = {}
+        for key, values in saved.items():
+            index = int(key)
+            if not 0 <= index < len(self.params):
+                raise ValueError(f"optimiser state for parameter {index}, the engine adapts {len(self.params)}")
+            shape = self.params[index].shape
+            if any(torch.is_tensor(v) and v.dim() > 0 and v.shape != shape for v in values.values()):
+                raise ValueError(f"optimiser state of parameter {index} does not have its shape {tuple(shape)}")
+            state[index] = values
+        return {"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]}
 
     def snapshot(self) -> dict[str, Any]:
         """Plain values for /v1/status and the metrics; safe to read from other threads."""
@@ -299,6 +352,29 @@ class AdaptationEngine:
             },
             "at": time.time(),
         }
+
+
+def _plain(value: Any) -> Any:
+    return dict(value) if isinstance(value, Counter) else value
+
+
+def _stats_from(values: dict[str, Any]) -> EngineStats:
+    stats = EngineStats()
+    for f in fields(EngineStats):
+        default = getattr(stats, f.name)
+        value = values[f.name]
+        # A reason this version counts that the state's did not starts at 0, as in a fresh engine.
+        setattr(stats, f.name, Counter({**default, **value}) if isinstance(default, Counter) else value)
+    return stats
+
+
+def _check_tensors(given: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    if given.keys() != expected.keys():
+        missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+        raise ValueError(f"state tensors do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    wrong = sorted(k for k in given if (given[k].shape, given[k].dtype) != (expected[k].shape, expected[k].dtype))
+    if wrong:
+        raise ValueError(f"state tensors of another shape or type than the model's: {wrong[:3]}")
 
 
 def _clone_optimizer_state(optimizer: "torch.optim.Optimizer | dict | None") -> dict | None:

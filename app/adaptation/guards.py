@@ -2,6 +2,7 @@
 
 import math
 from collections import deque
+from typing import Any
 
 import torch
 
@@ -70,6 +71,28 @@ class CollapseMonitor:
     @property
     def max_entropy(self) -> float:
         return math.log(self.num_classes)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The EMA and the window as they are (the window's sum too: re-adding would round differently)."""
+        sums = [batch_sum for batch_sum, _ in self._probability_sums]
+        return {
+            "entropy_ema": self.entropy_ema,
+            "probability_sums": torch.stack(sums) if sums else torch.zeros(0, self.num_classes, dtype=torch.float64),
+            "counts": [count for _, count in self._probability_sums],
+            "window_sum": self._window_sum.clone(),
+            "window_count": self._window_count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sums, counts, window_sum = state["probability_sums"], state["counts"], state["window_sum"]
+        if sums.shape != (len(counts), self.num_classes) or window_sum.shape != (self.num_classes,):
+            raise ValueError(
+                f"collapse monitor state of shape {tuple(sums.shape)}, the model has {self.num_classes} classes"
+            )
+        self.entropy_ema = state["entropy_ema"]
+        self._probability_sums = deque(zip(sums.double().clone().unbind(0), counts, strict=True))
+        self._window_sum = window_sum.double().clone()
+        self._window_count = state["window_count"]
 
 
 def relative_drift(params: list[torch.Tensor], source: list[torch.Tensor]) -> float:

@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -46,6 +47,17 @@ class PrequentialScore:
 
     def window_accuracy(self) -> float | None:
         return self._recent_correct / len(self._recent) if self._recent else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels, "correct": self.correct, "recent": list(self._recent)}
+
+    def loaded(self, state: dict[str, Any]) -> "PrequentialScore":
+        """A new score with this one's window, holding `state` (from `state_dict()`)."""
+        score = PrequentialScore(self._recent.maxlen)
+        score.labels, score.correct = state["labels"], state["correct"]
+        score._recent.extend(state["recent"])  # a smaller window than the state's keeps the newest
+        score._recent_correct = sum(score._recent)
+        return score
 
 
 class PredictionLedger:
@@ -124,3 +136,53 @@ class PredictionLedger:
             if now - oldest.created <= self.max_age_s:
                 break
             self._entries.popitem(last=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scores and remembered predictions (as columns, oldest first) in plain values, for a snapshot file.
+        Creation times are wall-clock (`created_at`): the monotonic clock means nothing to another process."""
+        with self._lock:
+            # What later requests change, copied together; an entry's other fields never change after record().
+            # Keys and values as two lists, not items(): 100,000 new tuples would cost a garbage collection pass.
+            ids, remembered = list(self._entries), list(self._entries.values())
+            labelled = [entry.labelled for entry in remembered]
+            prequential = {
+                "scores": {name: score.state_dict() for name, score in self.scores.items()},
+                "shadow_compared": self.shadow_compared,
+                "shadow_agreed": self.shadow_agreed,
+            }
+        to_wall = time.time() - time.monotonic()
+        entries = {
+            "ids": ids,
+            "class_index": [entry.class_index for entry in remembered],
+            "source_class_index": [entry.source_class_index for entry in remembered],
+            "entropy": [entry.entropy for entry in remembered],
+            "created_at": [entry.created + to_wall for entry in remembered],
+            "step": [entry.step for entry in remembered],
+            "labelled": labelled,
+        }
+        return {"prequential": prequential, "entries": entries}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take over a `state_dict()`, possibly another process's; the size and age bounds apply at once. A state
+        that does not fit raises (KeyError, ValueError) before anything changes."""
+        prequential, columns = state["prequential"], state["entries"]
+        to_monotonic = time.monotonic() - time.time()
+        rows = zip(
+            columns["ids"],
+            columns["class_index"],
+            columns["source_class_index"],
+            columns["entropy"],
+            columns["created_at"],
+            columns["step"],
+            columns["labelled"],
+            strict=True,
+        )
+        entries = OrderedDict(
+            (prediction_id, LedgerEntry(index, source, entropy, created_at + to_monotonic, step, labelled))
+            for prediction_id, index, source, entropy, created_at, step, labelled in rows
+        )
+        scores = {name: score.loaded(prequential["scores"][name]) for name, score in self.scores.items()}
+        with self._lock:
+            self._entries, self.scores = entries, scores
+            self.shadow_compared, self.shadow_agreed = prequential["shadow_compared"], prequential["shadow_agreed"]
+            self._evict(time.monotonic())

@@ -57,6 +57,13 @@ class ModelWorker:
     async def reset(self, reason: str) -> None:
         await self._submit(lambda: self.engine.reset(reason))
 
+    async def capture_state(self) -> dict[str, Any]:
+        """The engine's state_dict(), cloned between two batches: serving pauses only for the clone."""
+        return await self._submit(self.engine.state_dict)
+
+    async def load_state(self, state: dict[str, Any]) -> None:
+        await self._submit(lambda: self.engine.load_state_dict(state))
+
     async def _submit(self, job: Callable[[], Any]) -> Any:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._jobs.put((job, future))
