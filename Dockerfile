@@ -15,6 +15,8 @@
 # a mounted file plus -e TTA_MODEL=/models/x.safetensors (its .json model card beside it). ENTRYPOINT ["tta"] and
 # CMD ["serve"] are exec form, so the server is PID 1 and gets SIGTERM itself (graceful drain, TTA_SHUTDOWN_GRACE_S);
 # `docker run IMAGE serve --method none` passes flags. HEALTHCHECK polls /healthz on 127.0.0.1:$TTA_PORT.
+# TTA_STATE_DIR=/var/lib/tta, a volume: the adapted state is snapshotted there and restored at start; keep it with
+# -v tta-state:/var/lib/tta (one volume per server).
 #
 # Build arguments:
 #   BASE_IMAGE        python:3.11-slim (default). Any image with python3 >= 3.11 and its venv module works:
@@ -61,10 +63,15 @@ ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TTA_HOST=0.0.0.0 \
-    TTA_PORT=8000
+    TTA_PORT=8000 \
+    TTA_STATE_DIR=/var/lib/tta
 
 RUN useradd --uid 10001 --user-group --no-log-init --create-home --home-dir /home/tta \
-        --shell /usr/sbin/nologin tta
+        --shell /usr/sbin/nologin tta \
+    && install -d -o tta -g tta -m 0700 /var/lib/tta
+# The adapted-state snapshot (README, "Persistence"): a volume, so that it outlives the container. A volume mounted
+# there for the first time takes this directory's owner, so the server can write it.
+VOLUME ["/var/lib/tta"]
 
 # Dependencies: change only when docker/requirements.lock does.
 COPY docker/requirements.lock docker/pip-install.sh /opt/tta-build/

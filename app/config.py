@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         None, description="file of the API keys /predict and /feedback accept (format: app/api/auth.py, README)"
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="how long SIGTERM waits for queued batches")
+    state_dir: Path | None = Field(
+        None, description="directory of the adapted-state snapshot, restored at start; unset = no persistence"
+    )
+    # A minute: the clone pauses serving for well under a millisecond and the write takes milliseconds (README,
+    # "Persistence"), and a minute of adaptation is what a kill -9 can lose, re-learned in about a minute of traffic.
+    snapshot_interval_s: float = Field(60.0, gt=0, le=86_400, description="seconds between state snapshots")
 
     # --- adaptation (see README, "Methods and guards") ---
     method: Method = "tent"

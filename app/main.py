@@ -17,6 +17,7 @@ from app.config import Settings
 from app.metrics.ledger import PredictionLedger
 from app.metrics.prometheus import ServiceMetrics
 from app.serving.batcher import Batcher
+from app.serving.persistence import Persistence, SnapshotFile, model_digest
 from app.serving.preprocess import ImageDecoder, ImageLimits
 from app.serving.worker import ModelWorker
 from models.checkpoint import ModelCard, load_checkpoint
@@ -36,6 +37,7 @@ class Service:
     ledger: PredictionLedger
     metrics: ServiceMetrics
     decoder: ImageDecoder
+    persistence: Persistence
     started: float
 
 
@@ -63,6 +65,8 @@ def build_service(settings: Settings) -> Service:
     ledger = PredictionLedger(
         card.num_classes, settings.ledger_size, settings.ledger_max_age_s, settings.prequential_window
     )
+    state_file = SnapshotFile(settings.state_dir, model_digest(settings.model)) if settings.state_dir else None
+    persistence = Persistence(state_file, worker, ledger, settings.snapshot_interval_s)
     metrics = ServiceMetrics(
         ledger,
         lambda: worker.snapshot,
@@ -70,6 +74,7 @@ def build_service(settings: Settings) -> Service:
         settings.max_queue_images,
         settings.shadow_source,
     )
+    metrics.watch_persistence(persistence.status)
 
     def observe_batch(size: int, wait_s: float) -> None:
         metrics.batch_size.observe(size)
@@ -78,7 +83,7 @@ def build_service(settings: Settings) -> Service:
     batcher.on_batch = observe_batch
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_request_pixels)
     decoder = ImageDecoder(card.input_size, limits, settings.decode_threads or None)
-    return Service(settings, card, device, worker, batcher, ledger, metrics, decoder, time.time())
+    return Service(settings, card, device, worker, batcher, ledger, metrics, decoder, persistence, time.time())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -88,7 +93,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = build_service(settings)
         service.worker.start()
+        await service.persistence.restore()  # before the first batch, which then adapts the restored state
         service.batcher.start()
+        service.persistence.start()
         app.state.service = service
         log.info(
             "serving %s (%s) on %s with method %s",
@@ -99,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         yield
         await service.batcher.stop(settings.shutdown_grace_s)
+        await service.persistence.stop()  # the last snapshot: after the batcher has drained, before the worker stops
         service.worker.stop()
         service.decoder.close()
 

@@ -60,6 +60,45 @@ class ServiceMetrics:
         Gauge("tta_queue_capacity_images", "TTA_MAX_QUEUE_IMAGES: the queue bound", registry=r).set(queue_capacity)
         r.register(_AdaptationCollector(ledger, engine_snapshot, shadow))
 
+    def watch_persistence(self, status: Callable[[], dict[str, Any]]) -> None:
+        """State snapshot figures, read at scrape time from the persistence status that /v1/status shows."""
+        self.registry.register(_PersistenceCollector(status))
+
+
+class _PersistenceCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.status()
+        if not s["enabled"]:
+            return
+        yield CounterMetricFamily("tta_state_snapshots", "adapted-state snapshots written", value=s["snapshots"])
+        yield CounterMetricFamily(
+            "tta_state_snapshot_failures", "adapted-state snapshots that failed", value=s["failures"]
+        )
+        restores = CounterMetricFamily(
+            "tta_state_restores", "snapshots restored or refused at start, by result", labels=["result"]
+        )
+        restores.add_metric(["restored"], int(s["restored_from"] is not None))
+        restores.add_metric(["refused"], int(s["restore_refused"] is not None))
+        yield restores
+        if s["snapshot_at"] is not None:
+            yield GaugeMetricFamily(
+                "tta_state_snapshot_timestamp_seconds", "when the last snapshot was taken", value=s["snapshot_at"]
+            )
+            yield GaugeMetricFamily(
+                "tta_state_snapshot_duration_seconds", "the last snapshot: clone and write", value=s["last_snapshot_s"]
+            )
+            yield GaugeMetricFamily(
+                "tta_state_snapshot_pause_seconds",
+                "the last snapshot's clone on the model worker, the pause in serving",
+                value=s["last_pause_s"],
+            )
+            yield GaugeMetricFamily(
+                "tta_state_snapshot_bytes", "size of the last snapshot file", value=s["last_snapshot_bytes"]
+            )
+
 
 class _AdaptationCollector(Collector):
     def __init__(self, ledger: PredictionLedger, engine_snapshot: Callable[[], dict[str, Any]], shadow: bool) -> None:
