@@ -148,6 +148,13 @@ async def test_admin_token_check_answers_a_non_ascii_header_with_400(model_path:
     }
 
 
+async def test_a_method_the_route_lacks_is_405_with_allow(model_path: Path) -> None:
+    async with in_process_client(model=model_path, method="none") as (client, _):
+        response = await client.delete("/feedback")
+    assert (response.status_code, response.json()["error"]) == (405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"  # RFC 9110: a 405 lists the methods the resource has
+
+
 def half_a_request(url: str, path: str, content_type: str) -> None:
     """Headers that announce 1000 bytes of body, 500 of them, then the connection closes."""
     host, port = url.removeprefix("http://").split(":")

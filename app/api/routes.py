@@ -37,6 +37,7 @@ PREDICT_BODY = {
                         "files": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
                             "description": "one or more images (JPEG, PNG, WebP, GIF)",
                         },
                         "labels": {
@@ -192,7 +193,6 @@ async def status(request: Request) -> dict[str, Any]:
         },
         "prequential": prequential,
         "ledger_entries": len(service.ledger),
-        "persistence": service.persistence.status(),
         "uptime_s": time.time() - service.started,
     }
 

@@ -30,13 +30,13 @@ class PredictResponse(BaseModel):
 class PredictJSON(BaseModel):
     images: list[str] = Field(min_length=1, description="base64-encoded image files (JPEG, PNG, WebP, GIF)")
     labels: list[StrictInt] | None = Field(
-        None, description="true class index of each image (a JSON integer), for prequential scoring"
+        None, description="true class index of each image (a JSON integer, 0 to num_classes - 1), to score it"
     )
 
 
 class FeedbackItem(BaseModel):
     id: str = Field(description="the prediction id returned by /predict")
-    label: StrictInt = Field(description="the true class index (a JSON integer)")
+    label: StrictInt = Field(description="the true class index (a JSON integer, 0 to num_classes - 1)")
 
 
 class FeedbackResponse(BaseModel):
@@ -62,10 +62,6 @@ class StatusResponse(BaseModel):
     adaptation: dict[str, Any]
     batching: dict[str, Any]
     prequential: dict[str, Any]
-    persistence: dict[str, Any] = Field(
-        description="TTA_STATE_DIR snapshots: enabled, file, restored_from (or restore_refused and why), "
-        "snapshots, failures, snapshot_at (wall clock), last_snapshot_s, last_pause_s, last_snapshot_bytes"
-    )
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
