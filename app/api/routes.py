@@ -193,6 +193,7 @@ async def status(request: Request) -> dict[str, Any]:
         },
         "prequential": prequential,
         "ledger_entries": len(service.ledger),
+        "persistence": service.persistence.status(),
         "uptime_s": time.time() - service.started,
     }
 

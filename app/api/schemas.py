@@ -62,6 +62,10 @@ class StatusResponse(BaseModel):
     adaptation: dict[str, Any]
     batching: dict[str, Any]
     prequential: dict[str, Any]
+    persistence: dict[str, Any] = Field(
+        description="TTA_STATE_DIR snapshots: enabled, file, restored_from (or restore_refused and why), "
+        "snapshots, failures, snapshot_at (wall clock), last_snapshot_s, last_pause_s, last_snapshot_bytes"
+    )
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
