@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     state_dir: Path | None = Field(
         None, description="directory of the adapted-state snapshot, restored at start; unset = no persistence"
     )
-    # A minute: the clone pauses serving for well under a millisecond and the write takes milliseconds (README,
-    # "Persistence"), and a minute of adaptation is what a kill -9 can lose, re-learned in about a minute of traffic.
+    # A minute: what a kill -9 can lose (about 50 steps at the saturated one-core rate), for a pause in serving of a
+    # few milliseconds per snapshot, and of up to 200 ms with a full ledger (README, "Persistence").
     snapshot_interval_s: float = Field(60.0, gt=0, le=86_400, description="seconds between state snapshots")
 
     # --- adaptation (see README, "Methods and guards") ---
