@@ -67,6 +67,13 @@ def test_a_request_expected_past_the_budget_is_refused_with_an_honest_retry_afte
     assert refusal(b, 10).retry_after_s == math.ceil(4.5 - 1.0)  # the work to be done before it would fit
 
 
+def test_an_idle_server_admits_whatever_its_last_estimate() -> None:
+    b = batcher(budget_s=0.1, images_per_s=1)  # a stale estimate: 64 images would take a minute
+    b.admit(64)  # nothing ahead: the batch it makes measures the throughput again
+    b.computing_images = 1
+    assert refusal(b, 1).code == "overloaded"
+
+
 def test_the_time_a_request_has_left_narrows_the_budget() -> None:
     b = batcher(budget_s=10.0, images_per_s=100)
     b.queued_images = 50
@@ -110,15 +117,18 @@ async def test_batches_measure_the_throughput_and_the_running_batch_counts_as_ah
 
 async def test_an_overloaded_server_refuses_before_decoding(model_path: Path) -> None:
     async with in_process_client(model=model_path, max_queue_delay_ms=1000) as (client, app):
-        app.state.service.batcher.throughput.observe(1, 10.0)  # 0.1 images/s: one image takes 10 s
+        batcher = app.state.service.batcher
+        batcher.throughput.observe(10, 1.0)  # 10 images/s,
+        batcher.computing_images = 64  # and a batch of 64 running: the next image is 6.5 s away
         # not an image at all: decoding it would answer 400, so a 503 shows admission came first
         response = await client.post("/predict", files={"files": ("a.png", b"not a png", "image/png")})
         status = (await client.get("/v1/status")).json()["batching"]
     assert response.status_code == 503
     assert response.json()["error"] == "overloaded"
-    assert response.headers["retry-after"] == "9"  # 10 s expected, 1 s allowed
+    assert response.headers["retry-after"] == "6"  # 6.5 s expected, 1 s allowed
     assert status["max_queue_delay_ms"] == 1000
-    assert status["throughput_images_per_s"] == pytest.approx(0.1)
+    assert status["throughput_images_per_s"] == pytest.approx(10)
+    assert status["expected_wait_s"] == pytest.approx(6.4)
 
 
 async def test_the_budget_defaults_to_half_the_request_timeout(model_path: Path) -> None:

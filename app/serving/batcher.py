@@ -111,9 +111,9 @@ class Batcher:
                 pending.future.set_exception(InputError(503, "shutting_down", "the server is shutting down"))
 
     def expected_wait_s(self, count: int) -> float | None:
-        """Seconds until `count` more images would be computed: the queue and the running batch go first.
+        """Seconds until `count` more images would be computed: the running batch (whole) and the queue go first.
 
-        None while the throughput is unknown.
+        None while the throughput is unknown. Accurate to about one batch: where the batches fall is not known.
         """
         rate = self.throughput.images_per_s
         if rate is None:
@@ -143,6 +143,10 @@ class Batcher:
             )
 
     def _check_time(self, count: int, budget_s: float) -> None:
+        if not (self.queued_images or self.computing_images):
+            # Nothing ahead: the request goes straight into a batch, which measures the throughput afresh; refusing
+            # on an old estimate here could refuse for ever, since no batch would run to correct it.
+            return
         wait = self.expected_wait_s(count)
         if wait is not None and wait > budget_s:
             raise OverloadError(
