@@ -82,6 +82,7 @@ async def predict(request: Request) -> Response:
     service = _service(request)
     settings, card = service.settings, service.card
     started = time.monotonic()
+    service.batcher.admit(1)  # before the body is read: no room even for one image, no need to parse it
     files, labels = await parse_predict(request, settings)
     service.batcher.admit(len(files))  # before decoding, the costly part; submit() checks again after it
     for label in labels or ():
