@@ -1,42 +1,41 @@
 """Checkpoint I/O: our format (`<name>.safetensors` + model card `<name>.json`) and foreign files.
 
 Foreign files are PyTorch pickles (a bare state_dict, or one nested under "state_dict"/"model",
-keys possibly prefixed "module." by DataParallel) and TorchScript archives. Every load is strict:
-a key or shape mismatch is an error that names the keys, never a silent partial load.
+keys possibly prefixed "module." by DataParallel), TorchScript archives and safetensors files without a card.
+Every load is strict: a key or shape mismatch is an error that names the keys, never a silent partial load.
 """
 
-import zipfile
+import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.card import FORMAT_NAMES, ModelCard, ModelError, card_path, file_format, read_card
 from models.registry import build_model
 
+__all__ = [
+    "CheckpointMismatchError",
+    "ModelCard",
+    "card_path",
+    "load_checkpoint",
+    "load_foreign_checkpoint",
+    "load_state_dict_strict",
+    "read_foreign_state_dict",
+    "save_checkpoint",
+]
 
-class ModelCard(BaseModel):
-    architecture: str
-    num_classes: int = Field(gt=0)
-    class_names: list[str]
-    input_size: int = Field(gt=0, description="square side in pixels the model expects")
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    provenance: dict[str, Any] = Field(default_factory=dict, description="data, recipe, command, metrics")
-
-    def model_post_init(self, __context: Any) -> None:
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(f"card lists {len(self.class_names)} class names for {self.num_classes} classes")
+# rw-r--r--: a checkpoint mounted into a container is read by the container's user, not the file's owner.
+CHECKPOINT_MODE = 0o644
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ModelError):
     """The weights do not fit the architecture; the message names the offending keys."""
-
-
-def card_path(weights_path: Path) -> Path:
-    return weights_path.with_suffix(".json")
 
 
 def save_checkpoint(model: nn.Module, card: ModelCard, weights_path: Path) -> None:
@@ -44,7 +43,9 @@ def save_checkpoint(model: nn.Module, card: ModelCard, weights_path: Path) -> No
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(weights_path), metadata={"architecture": card.architecture})
-    card_path(weights_path).write_text(card.model_dump_json(indent=2) + "\n")
+    card_path(weights_path).write_text(card.model_dump_json(indent=2, exclude_defaults=True) + "\n")
+    for path in (weights_path, card_path(weights_path)):
+        os.chmod(path, CHECKPOINT_MODE)  # whatever the umask: both files are meant to be read by other users
 
 
 def load_checkpoint(weights_path: Path | str) -> tuple[nn.Module, ModelCard]:
@@ -54,19 +55,33 @@ def load_checkpoint(weights_path: Path | str) -> tuple[nn.Module, ModelCard]:
         raise FileNotFoundError(f"checkpoint {weights_path} does not exist")
     if not card_path(weights_path).is_file():
         raise FileNotFoundError(f"model card {card_path(weights_path)} is missing beside {weights_path}")
-    card = ModelCard.model_validate_json(card_path(weights_path).read_text())
-    model = build_model(card.architecture, card.num_classes)
-    load_state_dict_strict(model, load_file(str(weights_path)))
+    card = read_card(card_path(weights_path))
+    model = build_model(card.architecture, card.num_classes, card.architecture_kwargs)
+    load_state_dict_strict(model, _load_safetensors(weights_path))
     return model.eval(), card
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        kind = file_format(path)
+        what = FORMAT_NAMES[kind] if kind != "safetensors" else "a damaged safetensors file"
+        raise ModelError(f"{path} is {what} ({error}); a foreign file needs tta import") from None
+
+
 def read_foreign_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
-    """The tensors of a PyTorch pickle or TorchScript archive, unwrapped and un-prefixed."""
+    """The tensors of a PyTorch pickle, TorchScript archive or safetensors file, unwrapped and un-prefixed."""
     path = Path(path)
-    if _is_torchscript(path):
-        state: Any = torch.jit.load(str(path), map_location="cpu").state_dict()
+    kind = file_format(path)
+    if kind == "safetensors":
+        state: Any = _load_safetensors(path)
+    elif kind == "torchscript":
+        with warnings.catch_warnings():  # deprecated for new models; reading one is what was asked for
+            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -77,17 +92,30 @@ def read_foreign_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
+def _torch_load(path: Path) -> Any:
+    # weights_only: a checkpoint from elsewhere must not run code when it is read.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ModelError(
+            f"{path} is not a plain state_dict (torch.load with weights_only refused it: "
+            f"{str(error).splitlines()[0]}); save model.state_dict() or a TorchScript archive instead"
+        ) from None
+    except (RuntimeError, EOFError) as error:
+        raise ModelError(f"{path} is not a PyTorch checkpoint torch.load can read: {error}") from None
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    problems = state_dict_problems(model.state_dict(), state)
+    if problems:
+        raise CheckpointMismatchError(f"checkpoint does not match {type(model).__name__}: {problems}")
     expected = model.state_dict()
-    # checkpoints from PyTorch < 0.4.1 predate BatchNorm's num_batches_tracked; keep the model's own
-    state = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}
+    model.load_state_dict({**_batch_counters(expected), **state}, strict=True)
+
+
+def state_dict_problems(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """The missing, unexpected and mis-shaped keys of `state` against a model's `expected` state_dict; '' if none."""
+    state = {**_batch_counters(expected), **state}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(
@@ -95,18 +123,13 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> 
         for k in set(expected) & set(state)
         if state[k].shape != expected[k].shape
     )
-    if missing or unexpected or wrong_shape:
-        parts = [
-            f"{label}: {', '.join(_first(keys))}"
-            for label, keys in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", wrong_shape),
-            )
-            if keys
-        ]
-        raise CheckpointMismatchError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    found = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape))
+    return "; ".join(f"{label}: {', '.join(_first(keys))}" for label, keys in found if keys)
+
+
+def _batch_counters(expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # checkpoints from PyTorch < 0.4.1 predate BatchNorm's num_batches_tracked; keep the model's own
+    return {k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}
 
 
 def _first(keys: list[str], limit: int = 12) -> list[str]:
