@@ -20,7 +20,8 @@ from app.serving.batcher import Batcher
 from app.serving.persistence import Persistence, SnapshotFile, model_digest
 from app.serving.preprocess import ImageDecoder, ImageLimits
 from app.serving.worker import ModelWorker
-from models.checkpoint import ModelCard, load_checkpoint
+from models.checkpoint import ModelCard
+from models.importer import open_model
 
 log = logging.getLogger("tta")
 
@@ -50,8 +51,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_service(settings: Settings) -> Service:
-    model, card = load_checkpoint(settings.model)
+def build_service(settings: Settings, loaded: tuple[torch.nn.Module, ModelCard] | None = None) -> Service:
+    model, card = loaded or open_model(settings.model, settings)  # Settings holds the import flags (ForeignModel)
     device = resolve_device(settings.device)
     engine = AdaptationEngine(model, card.num_classes, settings, device)
     worker = ModelWorker(engine, card.mean, card.std, settings.top_k)
@@ -82,16 +83,17 @@ def build_service(settings: Settings) -> Service:
 
     batcher.on_batch = observe_batch
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_request_pixels)
-    decoder = ImageDecoder(card.input_size, limits, settings.decode_threads or None)
+    decoder = ImageDecoder(card.input_size, limits, settings.decode_threads or None, resize=card.resize)
     return Service(settings, card, device, worker, batcher, ledger, metrics, decoder, persistence, time.time())
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, loaded: tuple[torch.nn.Module, ModelCard] | None = None) -> FastAPI:
+    """`loaded`: the model and card, when the caller has loaded them already (`tta serve`, to refuse a bad one)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = build_service(settings)
+        service = build_service(settings, loaded)
         service.worker.start()
         await service.persistence.restore()  # before the first batch, which then adapts the restored state
         service.batcher.start()

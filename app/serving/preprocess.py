@@ -53,10 +53,12 @@ class ImageLimits:
     max_request_pixels: int  # pixels decoded for the whole request (JPEGs after their DCT-domain reduction)
 
 
-def decode_all(files: list[tuple[str, bytes]], size: int, limits: ImageLimits) -> torch.Tensor:
+def decode_all(
+    files: list[tuple[str, bytes]], size: int, limits: ImageLimits, resize: int | None = None
+) -> torch.Tensor:
     """All images of one request as one N x 3 x S x S uint8 tensor; the first bad one rejects the request."""
     with contextlib.ExitStack() as stack:
-        images = [stack.enter_context(_open(name, data, size, limits)) for name, data in files]
+        images = [stack.enter_context(_open(name, data, resize or size, limits)) for name, data in files]
         to_decode = sum(image.width * image.height for image in images)
         if to_decode > limits.max_request_pixels:
             raise InputError(
@@ -65,7 +67,8 @@ def decode_all(files: list[tuple[str, bytes]], size: int, limits: ImageLimits) -
                 f"the request's {len(files)} images hold {to_decode} pixels to decode; the limit per request is "
                 f"{limits.max_request_pixels}: send fewer or smaller images per request",
             )
-        return torch.stack([fit(_pixels(name, image), size) for (name, _), image in zip(files, images, strict=True)])
+        pixels = (_pixels(name, image) for (name, _), image in zip(files, images, strict=True))
+        return torch.stack([fit(image, size, resize) for image in pixels])
 
 
 def _open(name: str, data: bytes, size: int, limits: ImageLimits) -> Image.Image:
@@ -116,11 +119,12 @@ def _pixels(name: str, image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
 
-def fit(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side to `size`, then centre-crop to size x size."""
-    if image.shape[-2:] == (size, size):
+def fit(image: torch.Tensor, size: int, resize: int | None = None) -> torch.Tensor:
+    """Resize the shorter side to `resize` (by default `size`), then centre-crop to size x size."""
+    side = resize or size
+    if image.shape[-2:] == (size, size) and side == size:
         return image.contiguous()
-    image = TF.resize(image, [size], antialias=True)
+    image = TF.resize(image, [side], antialias=True)
     return TF.center_crop(image, [size, size]).contiguous()
 
 
@@ -128,12 +132,14 @@ class ImageDecoder:
     """Decodes requests on its own threads: as many as cores by default, so that the memory decoding can take at
     once is bounded (threads x one request's pixel budget) and decoding never starves the event loop's other work."""
 
-    def __init__(self, size: int, limits: ImageLimits, threads: int | None = None) -> None:
-        self.size, self.limits = size, limits
+    def __init__(self, size: int, limits: ImageLimits, threads: int | None = None, resize: int | None = None) -> None:
+        self.size, self.limits, self.resize = size, limits, resize
         self._pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1, thread_name_prefix="decode")
 
     async def decode(self, files: list[tuple[str, bytes]]) -> torch.Tensor:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, decode_all, files, self.size, self.limits)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, decode_all, files, self.size, self.limits, self.resize
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
