@@ -1,4 +1,5 @@
-"""`tta serve`: run the server. Flags override the matching TTA_ variables only when given."""
+"""`tta serve`: run the server, with a flag per setting that overrides its TTA_ variable only when given; and the
+model commands (`tta import`, `tta card`, `tta card-schema`, app/model_cli.py)."""
 
 import argparse
 import logging
@@ -8,23 +9,13 @@ from typing import NoReturn
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import CliSettingsSource
 from uvicorn.config import LOG_LEVELS
 
 from app.config import Settings, is_loopback
+from app.model_cli import add_model_commands
 from app.serving.http_timeouts import with_read_timeouts
-
-FLAGS = {  # flag -> (setting, type, help)
-    "--host": ("host", str, "address to bind (TTA_HOST)"),
-    "--port": ("port", int, "port (TTA_PORT)"),
-    "--model": ("model", str, "checkpoint .safetensors with its .json card (TTA_MODEL)"),
-    "--device": ("device", str, "auto | cpu | cuda | cuda:N (TTA_DEVICE)"),
-    "--method": ("method", str, "none | norm | tent (TTA_METHOD)"),
-    "--max-batch-size": ("max_batch_size", int, "images per batch (TTA_MAX_BATCH_SIZE)"),
-    "--max-wait-ms": ("max_wait_ms", float, "wait for a fuller batch (TTA_MAX_WAIT_MS)"),
-    "--max-queue-images": ("max_queue_images", int, "queue bound (TTA_MAX_QUEUE_IMAGES)"),
-    "--request-timeout-s": ("request_timeout_s", float, "answer 504 after (TTA_REQUEST_TIMEOUT_S)"),
-    "--max-queue-delay-ms": ("max_queue_delay_ms", float, "admission budget (TTA_MAX_QUEUE_DELAY_MS)"),
-}
+from models.card import ModelError, check_model_file, one_line
 
 
 def refuse(message: str) -> NoReturn:
@@ -45,31 +36,91 @@ def open_admin_problem(settings: Settings) -> str | None:
     )
 
 
+def settings_flags(parser: argparse.ArgumentParser) -> CliSettingsSource[Settings]:
+    """A flag for every setting, made from the settings' own names and descriptions, with the default and the
+    variable in --help; values are written as in the variables (`--guard-balance false`, `--mean 0.5,0.5,0.5`)."""
+    return CliSettingsSource(
+        Settings,
+        root_parser=parser,
+        cli_kebab_case=True,
+        cli_implicit_flags=False,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        cli_show_env_vars=True,
+    )
+
+
+def setting_names(loc: tuple[int | str, ...]) -> str:
+    return f"TTA_{str(loc[0]).upper()} (--{str(loc[0]).replace('_', '-')})" if loc else "settings"
+
+
+def serve_settings(args: argparse.Namespace, flags: CliSettingsSource[Settings]) -> Settings:
+    """The settings, checked as far as they can be without torch: a refusal then takes a second, not a minute."""
+    if hasattr(args, "admin_token"):  # accepted, unlisted, by the generated flags; refused so it never sits in `ps`
+        refuse("--admin-token: set TTA_ADMIN_TOKEN instead; a command line is readable by every user of the machine")
+    try:
+        settings = Settings(_cli_settings_source=flags(parsed_args=args))
+    except ValidationError as error:
+        refuse(f"invalid configuration: {one_line(error, setting_names)}")
+    if problem := open_admin_problem(settings):
+        refuse(problem)
+    try:
+        check_model_file(settings.model, imported=settings.arch is not None)
+    except ModelError as error:
+        refuse(str(error))
+    return settings
+
+
+def device_problem(name: str) -> str | None:
+    """Why the device named cannot be used, or None. Imports torch, the first of the slow imports, and only it."""
+    import torch
+
+    count = torch.cuda.device_count() if name.startswith("cuda") else 0
+    if not name.startswith("cuda") or int(name.partition(":")[2] or 0) < count:
+        return None
+    present = f"{count} CUDA devices (cuda:0 to cuda:{count - 1})" if count else "no CUDA device"
+    return f"TTA_DEVICE={name}, but this machine has {present}; use cpu or auto"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tta", description="Test-time adaptation inference server")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="start the HTTP server")
-    for flag, (_, kind, text) in FLAGS.items():
-        serve.add_argument(flag, type=kind, default=None, help=text)
+    serve = commands.add_parser(
+        "serve",
+        help="start the HTTP server",
+        usage="tta serve [-h] [--FLAG VALUE ...]",  # not the generated one: a screenful of flags before every error
+        description="Every flag sets the setting of the TTA_ variable shown in its help, and overrides the variable "
+        "only when given. A foreign checkpoint (--model FILE with --arch, --classes, --input-size) is imported "
+        "in memory at start, as `tta import` would.",
+    )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    flags = settings_flags(serve)
+    add_model_commands(commands)
     args = parser.parse_args(argv)
-    overrides = {setting: getattr(args, flag[2:].replace("-", "_")) for flag, (setting, _, _) in FLAGS.items()}
-    try:
-        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as error:
-        refuse(f"invalid configuration:\n{error}")
-    if problem := open_admin_problem(settings):
-        refuse(problem)
+    if args.command != "serve":
+        args.run(args)
+        return
+    settings = serve_settings(args, flags)
     logging.basicConfig(level=LOG_LEVELS[args.log_level], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.admin_token is None and not is_loopback(settings.host):
         logging.getLogger("tta").warning(
             "POST /reset is open to anyone who can reach %s (TTA_ALLOW_OPEN_ADMIN)", settings.host
         )
-    from app.api.auth import KeyFileError  # after the settings are known good: importing torch takes a while
-    from app.main import create_app
+    if problem := device_problem(settings.device):
+        refuse(problem)
+    from models.importer import open_model  # torchvision, but not yet the server's own imports
 
     try:
-        app = create_app(settings)
+        loaded = open_model(settings.model, settings)  # here: a model that does not fit is refused in plain words
+    except ModelError as error:
+        refuse(str(error))
+    from app.api.auth import KeyFileError  # after the settings are known good: importing torch takes a while
+    from app.main import create_app
+    from app.serving.calibration import scaled_timeout
+
+    settings = scaled_timeout(settings, *loaded)  # a model whose batch takes a minute gets a longer default timeout
+    try:
+        app = create_app(settings, loaded)
     except KeyFileError as error:
         refuse(str(error))
 

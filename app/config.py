@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
+
+from models.card import ForeignModel
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default" / "cifar10_resnet20.safetensors"
 
@@ -23,17 +25,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class Settings(BaseSettings):
+# ForeignModel: arch, arch_kwargs, classes, input_size, resize, mean, std, to import a foreign TTA_MODEL at start.
+class Settings(BaseSettings, ForeignModel):
     # hide_input_in_errors: a refused TTA_ADMIN_TOKEN must not be echoed into the log by its error message.
     model_config = SettingsConfigDict(
         env_prefix="TTA_", frozen=True, protected_namespaces=(), hide_input_in_errors=True
     )
 
     # --- serving ---
-    model: Path = Field(DEFAULT_MODEL, description="checkpoint (.safetensors with its .json model card beside it)")
+    model: Path = Field(
+        DEFAULT_MODEL,
+        description="checkpoint: .safetensors with its .json model card beside it, or a foreign file imported at "
+        "start with arch, classes and input_size",
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N; auto picks CUDA when present")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on; beyond loopback only with admin_token")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
     max_batch_size: int = Field(64, ge=1, le=4096, description="images per model batch")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the oldest request waits for a fuller batch")
     max_queue_images: int = Field(1024, ge=1, description="images waiting beyond this answer 503")
@@ -55,8 +62,8 @@ class Settings(BaseSettings):
         1024, ge=1, description="uvicorn limit_concurrency: past this many connections, requests are answered 503"
     )
     backlog: int = Field(2048, ge=1, description="connections the kernel queues before they are accepted")
-    top_k: int = Field(5, ge=1, le=1000)
-    max_files_per_request: int = Field(64, ge=1, le=4096)
+    top_k: int = Field(5, ge=1, le=1000, description="classes listed per prediction")
+    max_files_per_request: int = Field(64, ge=1, le=4096, description="images in one POST /predict")
     max_image_bytes: int = Field(8 * 2**20, ge=1, description="encoded bytes of one image")
     max_request_bytes: int = Field(64 * 2**20, ge=1, description="body of one POST /predict")
     # An item is ~56 bytes, so 1 MiB holds ~18,000 labels, parsed in ~50 ms on one core: a large batch of late labels
@@ -72,7 +79,8 @@ class Settings(BaseSettings):
         description="pixels decoded for one request, summed over its images (JPEGs after DCT-domain reduction)",
     )
     decode_threads: int = Field(0, ge=0, le=256, description="threads decoding images; 0 = one per CPU core")
-    admin_token: SecretStr | None = Field(
+    # No flag: a command line is readable by every local user (ps); the variable is not.
+    admin_token: CliSuppress[SecretStr | None] = Field(
         None, description="bearer token required by POST /reset when set; needed to listen beyond loopback"
     )
     allow_open_admin: bool = Field(
@@ -90,16 +98,18 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(60.0, gt=0, le=86_400, description="seconds between state snapshots")
 
     # --- adaptation (see README, "Methods and guards") ---
-    method: Method = "tent"
-    optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0, le=10)
+    method: Method = Field(
+        "tent", description="none (frozen), norm (test statistics), tent (test statistics + entropy step)"
+    )
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="optimiser of the entropy step")
+    lr: float = Field(1e-3, gt=0, le=10, description="learning rate of the entropy step")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    steps_per_batch: int = Field(1, ge=1, le=100)
+    steps_per_batch: int = Field(1, ge=1, le=100, description="entropy steps per adaptation batch")
     stats_horizon: int = Field(
         2560, ge=1, description="images over which the class-balanced test statistics average (small-batch guard)"
     )
     guard_reliable: bool = Field(True, description="adapt only on samples with entropy < reliable_entropy * ln C")
-    reliable_entropy: float = Field(0.4, gt=0, le=1)
+    reliable_entropy: float = Field(0.4, gt=0, le=1, description="the reliable-sample threshold, as a fraction of ln C")
     guard_reweight: bool = Field(
         True, description="weight each sample's entropy by 1 / the recent share of its predicted class (DELTA)"
     )
@@ -116,10 +126,10 @@ class Settings(BaseSettings):
         le=4096,
         description="images per entropy step: smaller batches are buffered until this many have been predicted",
     )
-    guard_grad_clip: bool = True
-    grad_clip_norm: float = Field(1.0, gt=0)
+    guard_grad_clip: bool = Field(True, description="clip the gradient norm of the adapted parameters")
+    grad_clip_norm: float = Field(1.0, gt=0, description="the norm gradients are clipped to")
     guard_nonfinite: bool = Field(True, description="roll back a step with a non-finite loss, gradient or parameter")
-    guard_collapse: bool = True
+    guard_collapse: bool = Field(True, description="reset when the entropy EMA or the prediction diversity collapses")
     collapse_entropy: float = Field(0.02, ge=0, le=1, description="reset when the entropy EMA falls below this * ln C")
     entropy_ema_decay: float = Field(
         0.9, ge=0, lt=1, description="entropy EMA decay per min_batch images (the same average at any batch size)"
@@ -131,7 +141,7 @@ class Settings(BaseSettings):
         description="reset when the entropy of the mean prediction over the window falls below this * ln C",
     )
     diversity_window: int = Field(2048, ge=16, description="recent predictions the diversity check looks at")
-    guard_drift: bool = True
+    guard_drift: bool = Field(True, description="reset when the adapted parameters drift too far from the source")
     drift_max: float = Field(
         0.5, gt=0, description="reset when ||theta - theta_source|| / ||theta_source|| passes this"
     )
@@ -144,7 +154,7 @@ class Settings(BaseSettings):
     # --- evaluation ---
     shadow_source: bool = Field(False, description="also predict with the frozen source model, for comparison")
     ledger_size: int = Field(100_000, ge=1, description="predictions remembered while waiting for a label")
-    ledger_max_age_s: float = Field(3600.0, gt=0)
+    ledger_max_age_s: float = Field(3600.0, gt=0, description="seconds a prediction waits for its label at most")
     prequential_window: int = Field(1000, ge=1, description="labels in the tta_prequential_accuracy window")
 
     @field_validator("device")

@@ -1,5 +1,6 @@
 """create_app(settings): the FastAPI app; its lifespan loads the model and starts the worker and batcher."""
 
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -51,6 +52,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def model_identity(settings: Settings, card: ModelCard) -> str:
+    """What a snapshot must have been taken with. A foreign file imported at start has no card on disk; the card made
+    from it holds the file's sha256 and every import flag, so its digest stands for both."""
+    if settings.arch is None:
+        return model_digest(settings.model)
+    return hashlib.sha256(card.model_dump_json().encode()).hexdigest()
+
+
 def build_service(settings: Settings, loaded: tuple[torch.nn.Module, ModelCard] | None = None) -> Service:
     model, card = loaded or open_model(settings.model, settings)  # Settings holds the import flags (ForeignModel)
     device = resolve_device(settings.device)
@@ -66,7 +75,7 @@ def build_service(settings: Settings, loaded: tuple[torch.nn.Module, ModelCard] 
     ledger = PredictionLedger(
         card.num_classes, settings.ledger_size, settings.ledger_max_age_s, settings.prequential_window
     )
-    state_file = SnapshotFile(settings.state_dir, model_digest(settings.model)) if settings.state_dir else None
+    state_file = SnapshotFile(settings.state_dir, model_identity(settings, card)) if settings.state_dir else None
     persistence = Persistence(state_file, worker, ledger, settings.snapshot_interval_s)
     metrics = ServiceMetrics(
         ledger,

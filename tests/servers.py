@@ -62,9 +62,14 @@ def stopping(process: subprocess.Popen, log: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def running_server(
-    env: dict[str, str] | None = None, log_level: str = "warning", log: Path | None = None
+    env: dict[str, str] | None = None,
+    log_level: str = "warning",
+    log: Path | None = None,
+    args: tuple[str, ...] = (),
+    ready_timeout_s: float = 120,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`tta serve` in a subprocess; yields (base URL, process). Its output goes to `log` (a temporary file if None)."""
+    """`tta serve` in a subprocess, with `args` after its own flags; yields (base URL, process). Its output goes to
+    `log` (a temporary file if None)."""
     port = free_port()
     log = log or Path(tempfile.mkdtemp(prefix="tta-server-")) / "server.log"
     process = subprocess.Popen(
@@ -79,6 +84,7 @@ def running_server(
             str(port),
             "--log-level",
             log_level,
+            *args,
         ],
         cwd=ROOT,
         env={**os.environ, **(env or {})},
@@ -87,7 +93,7 @@ def running_server(
     )
     url = f"http://127.0.0.1:{port}"
     with stopping(process, log):
-        wait_until_ok(f"{url}/readyz", 120, process)
+        wait_until_ok(f"{url}/readyz", ready_timeout_s, process)
         yield url, process
 
 
