@@ -45,14 +45,17 @@ class Settings(BaseSettings, ForeignModel):
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the oldest request waits for a fuller batch")
     max_queue_images: int = Field(1024, ge=1, description="images waiting beyond this answer 503")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request not answered by then gets 504")
-    # Default: half the timeout. A request admitted at the budget then has as long again before its 504 for the
-    # throughput estimate to be wrong (a neighbour taking the CPU, slower batches), and the backlog an overload leaves
-    # behind is at most that many seconds of work.
+    # Default: a sixth of the timeout, 5 s at the default 30 s. An overload leaves at most that much work queued, so
+    # latency is normal again seconds after it ends (docs/reliability/overload.md); the timeout leaves six times the
+    # budget for the throughput estimate to be wrong before a 504 (at an overload's onset it was 25-40% optimistic,
+    # and a machine shared with other work can halve the throughput in seconds); and on the default model it is about
+    # what the default count bound holds (1,024 images at ~250 images/s), so the time bound carries that over to
+    # slower models and devices.
     max_queue_delay_ms: float | None = Field(
         None,
         gt=0,
         description="admit a request only if its images are expected to be computed within this; "
-        "default request_timeout_s / 2",
+        "default request_timeout_s / 6",
     )
     # Slow clients (README, "Slow clients"): a request's headers are a few hundred bytes, and a body of a few images
     # takes well under a second on any link these requests come over; the timeouts free what a trickle would hold.
@@ -198,8 +201,8 @@ class Settings(BaseSettings, ForeignModel):
         return self
 
     def queue_delay_s(self) -> float:
-        """The admission budget in seconds (TTA_MAX_QUEUE_DELAY_MS, by default half the request timeout)."""
-        return self.max_queue_delay_ms / 1000 if self.max_queue_delay_ms is not None else self.request_timeout_s / 2
+        """The admission budget in seconds (TTA_MAX_QUEUE_DELAY_MS, by default a sixth of the request timeout)."""
+        return self.max_queue_delay_ms / 1000 if self.max_queue_delay_ms is not None else self.request_timeout_s / 6
 
     def reliable_threshold(self, num_classes: int) -> float:
         return self.reliable_entropy * math.log(num_classes)

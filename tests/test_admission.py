@@ -131,8 +131,8 @@ async def test_an_overloaded_server_refuses_before_decoding(model_path: Path) ->
     assert status["expected_wait_s"] == pytest.approx(6.4)
 
 
-async def test_the_budget_defaults_to_half_the_request_timeout(model_path: Path) -> None:
-    async with in_process_client(model=model_path, request_timeout_s=8) as (client, _):
+async def test_the_budget_defaults_to_a_sixth_of_the_request_timeout(model_path: Path) -> None:
+    async with in_process_client(model=model_path, request_timeout_s=24) as (client, _):
         response = await client.post("/predict", files={"files": ("a.png", make_png(), "image/png")})
         status = (await client.get("/v1/status")).json()["batching"]
     assert response.status_code == 200
