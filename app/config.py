@@ -100,6 +100,10 @@ class Settings(BaseSettings, ForeignModel):
     # few milliseconds per snapshot, and of up to 200 ms with a full ledger (README, "Persistence").
     snapshot_interval_s: float = Field(60.0, gt=0, le=86_400, description="seconds between state snapshots")
 
+    max_streams: int = Field(
+        1024, ge=1, le=1_000_000, description="streams adapted at once; beyond, the least recently used is evicted"
+    )
+
     # --- adaptation (see README, "Methods and guards") ---
     method: Method = Field(
         "tent", description="none (frozen), norm (test statistics), tent (test statistics + entropy step)"

@@ -11,6 +11,7 @@ import torch
 from fastapi import FastAPI
 
 from app.adaptation.engine import AdaptationEngine
+from app.adaptation.streams import StreamEngines
 from app.api.auth import install_auth
 from app.api.errors import install_error_handlers
 from app.api.routes import router
@@ -63,8 +64,9 @@ def model_identity(settings: Settings, card: ModelCard) -> str:
 def build_service(settings: Settings, loaded: tuple[torch.nn.Module, ModelCard] | None = None) -> Service:
     model, card = loaded or open_model(settings.model, settings)  # Settings holds the import flags (ForeignModel)
     device = resolve_device(settings.device)
-    engine = AdaptationEngine(model, card.num_classes, settings, device)
-    worker = ModelWorker(engine, card.mean, card.std, settings.top_k)
+    model = model.to(device)
+    streams = StreamEngines(lambda: AdaptationEngine(model, card.num_classes, settings, device), settings.max_streams)
+    worker = ModelWorker(streams, card.mean, card.std, settings.top_k)
     batcher = Batcher(
         worker.predict,
         settings.max_batch_size,
@@ -73,7 +75,11 @@ def build_service(settings: Settings, loaded: tuple[torch.nn.Module, ModelCard] 
         settings.queue_delay_s(),
     )
     ledger = PredictionLedger(
-        card.num_classes, settings.ledger_size, settings.ledger_max_age_s, settings.prequential_window
+        card.num_classes,
+        settings.ledger_size,
+        settings.ledger_max_age_s,
+        settings.prequential_window,
+        settings.max_streams,
     )
     state_file = SnapshotFile(settings.state_dir, model_identity(settings, card)) if settings.state_dir else None
     persistence = Persistence(state_file, worker, ledger, settings.snapshot_interval_s)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from app.adaptation.engine import AdaptationEngine
+from app.adaptation.streams import DEFAULT_STREAM, StreamEngines
 from app.config import DEFAULT_MODEL, Settings
 from app.main import resolve_device
 from app.serving.worker import ModelWorker
@@ -61,7 +62,8 @@ def time_step(
     model, card = load_checkpoint(model_path)
     settings = Settings(model=model_path, method=method, device=device)
     engine = AdaptationEngine(model, card.num_classes, settings, resolve_device(device))
-    worker = ModelWorker(engine, card.mean, card.std, settings.top_k)  # its thread is never started: called here
+    # its thread is never started: called here, on the one stream whose engine is measured above
+    worker = ModelWorker(StreamEngines(lambda: engine, 1), card.mean, card.std, settings.top_k)
     n = len(pool)
 
     def batch(i: int) -> torch.Tensor:
@@ -82,7 +84,7 @@ def time_step(
             step_s.append(t1 - t0)
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
-        worker._predict([batch(i)])
+        worker._predict([batch(i)], [DEFAULT_STREAM])
         sync()
         t1 = time.perf_counter()
         if i >= warmup:

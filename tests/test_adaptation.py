@@ -14,6 +14,7 @@ from torch import nn
 from app.adaptation import norm
 from app.adaptation.engine import COLLAPSE_WARMUP_STEPS, AdaptationEngine
 from app.adaptation.guards import CollapseMonitor, softmax_entropy
+from app.adaptation.streams import StreamEngines
 from app.config import Settings
 from app.serving.worker import ModelWorker
 from models.checkpoint import load_checkpoint
@@ -391,7 +392,7 @@ async def test_an_awaited_reset_is_in_the_snapshot_the_routes_read(anyio_backend
         return take_snapshot()
 
     served.snapshot = slow_snapshot
-    worker = ModelWorker(served, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), top_k=3)
+    worker = ModelWorker(StreamEngines(lambda: served, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), top_k=3)
     worker.start()
     try:
         await worker.reset("manual")

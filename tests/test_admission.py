@@ -22,7 +22,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def never_called(images: list[torch.Tensor]) -> None:
+async def never_called(images: list[torch.Tensor], streams: list[str]) -> None:
     raise AssertionError("no batch runs in this test")
 
 
@@ -92,14 +92,14 @@ async def test_batches_measure_the_throughput_and_the_running_batch_counts_as_ah
     release = asyncio.Event()
     seen: list[int] = []
 
-    async def model(images: list[torch.Tensor]) -> str:
+    async def model(images: list[torch.Tensor], streams: list[str]) -> str:
         seen.append(b.computing_images)
         await release.wait()
         return "output"
 
     b = Batcher(model, max_batch_size=64, max_wait_s=0, max_queue_images=1024, max_queue_delay_s=5.0)
     b.start()
-    first = asyncio.create_task(b.submit(torch.zeros(8, 3, 4, 4), timeout_s=5))
+    first = asyncio.create_task(b.submit(torch.zeros(8, 3, 4, 4), timeout_s=5, stream="default"))
     await asyncio.sleep(0.2)
     release.set()
     assert (await first).count == 8
@@ -107,7 +107,7 @@ async def test_batches_measure_the_throughput_and_the_running_batch_counts_as_ah
     assert b.computing_images == 0
     assert 8 / 0.5 < b.throughput.images_per_s < 8 / 0.2 * 1.01  # 8 images in a little over 0.2 s
     release.clear()
-    running = asyncio.create_task(b.submit(torch.zeros(8, 3, 4, 4), timeout_s=5))
+    running = asyncio.create_task(b.submit(torch.zeros(8, 3, 4, 4), timeout_s=5, stream="default"))
     await asyncio.sleep(0.05)
     assert b.expected_wait_s(0) == pytest.approx(8 / b.throughput.images_per_s)
     release.set()

@@ -389,7 +389,7 @@ def test_kill_9_under_load_then_restart_loses_nothing_older_than_one_snapshot_in
     state, snapshot_at = decode(path, model_sha256)
     # The loss bound: one interval, plus the snapshot itself (it waits for the batch the worker is running).
     assert killed_at - snapshot_at < interval + 5.0
-    engine_state, scores = state["streams"]["default"]["engine"], state["streams"]["default"]["prequential"]
+    engine_state, scores = state["streams"]["default"]["engine"], state["ledger"]["prequential"]
     assert engine_state["stats"]["steps_total"] >= 3 and scores["scores"]["adapted"]["labels"] > 0
 
     # No snapshot but the one on SIGTERM, which, with no traffic since the restore, holds the state restored.
@@ -407,7 +407,7 @@ def test_kill_9_under_load_then_restart_loses_nothing_older_than_one_snapshot_in
     assert status["adaptation"]["entropy_ema"] == engine_state["monitor"]["entropy_ema"]
     assert status["prequential"]["adapted"]["labels"] == scores["scores"]["adapted"]["labels"]
     assert status["prequential"]["adapted"]["correct"] == scores["scores"]["adapted"]["correct"]
-    assert status["ledger_entries"] == len(state["ledger"]["entries"]["id_lengths"])
+    assert status["ledger_entries"] == len(state["ledger"]["entries"]["ids_lengths"])
     # Everything exactly, but the ledger's creation times: wall clock -> monotonic -> wall clock moves them by how
     # far the two clocks drift apart meanwhile (5 ms/s seen here); they only decide when an entry is an hour old.
     created, recreated = (

@@ -8,8 +8,8 @@ that key may use; `#` starts a comment:
     Zt4v0Hq8w1Xb9yKp2LmN7cRd5sJ3fGa6
     camera-fleet-7f3a9c2e51d04b8e19aa   default,cameras-north
 
-Every request is in stream `default` until streams exist (issue #15: the `X-TTA-Stream` header), so the stream list
-is checked against `default` today.
+A key's stream list is checked against the stream each /predict request names (X-TTA-Stream or its `stream` field)
+and, on /feedback, against the stream of each prediction labelled.
 """
 
 import hashlib
@@ -23,13 +23,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from app.adaptation.streams import STREAM_RULE, valid_stream
 from app.api.errors import error_response
 from app.config import Settings
 
-DEFAULT_STREAM = "default"
 # RFC 6750's token68, what `Authorization: Bearer` can carry, at least 16 characters: a short key is guessable.
 KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+/-]{16,}=*")
-STREAM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 API_KEY_HEADER = "X-API-Key"
 
 # Security schemes: they parse the headers and document them in /docs; the checks are below.
@@ -87,8 +86,8 @@ def parse_key_line(line: str, where: str) -> ApiKey | None:
         return ApiKey(digest(fields[0].encode()), None)
     streams = fields[1].split(",")
     for stream in streams:
-        if not STREAM_PATTERN.fullmatch(stream):
-            raise KeyFileError(f"{where}: stream name {stream!r} is not 1-64 characters of A-Z a-z 0-9 . _ -")
+        if not valid_stream(stream):
+            raise KeyFileError(f"{where}: stream name {stream!r} is not {STREAM_RULE}")
     return ApiKey(digest(fields[0].encode()), frozenset(streams))
 
 
@@ -209,6 +208,11 @@ async def require_api_key(
     key = credentials.find_key(presented.encode())
     if key is None:
         raise AuthError(403, "forbidden", "the API key is wrong")
-    # Issue #15 passes the request's own stream (X-TTA-Stream) here.
-    if not key.allows(DEFAULT_STREAM):
-        raise AuthError(403, "forbidden", f"this API key may not use stream {DEFAULT_STREAM!r}")
+    request.state.api_key = key  # the streams it may use are checked once the request's stream is known
+
+
+def require_stream_access(request: Request, stream: str) -> None:
+    """403 when the request's API key (if keys are on) may not use `stream`."""
+    key: ApiKey | None = getattr(request.state, "api_key", None)
+    if key is not None and not key.allows(stream):
+        raise AuthError(403, "forbidden", f"this API key may not use stream {stream!r}")

@@ -4,12 +4,14 @@ into its items, within limits."""
 import base64
 import binascii
 import re
+from dataclasses import dataclass
 from typing import TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 
+from app.adaptation.streams import DEFAULT_STREAM, STREAM_RULE, valid_stream
 from app.api.schemas import FeedbackItem, PredictJSON
 from app.config import Settings
 from app.serving.preprocess import InputError
@@ -22,6 +24,8 @@ FEEDBACK_LIST = TypeAdapter(list[FeedbackItem])
 
 # A multipart label is ASCII digits: int() alone would also read "+3", "3_0" and other scripts' digits ("٣").
 # 18 at most: any class index fits, and int() never reads a number of thousands of digits.
+STREAM_HEADER = "X-TTA-Stream"
+
 ASCII_LABEL = re.compile(r"[0-9]{1,18}")
 
 
@@ -44,14 +48,21 @@ def media_type(content_type: str) -> str:
     return content_type.partition(";")[0].strip().lower()
 
 
-async def parse_predict(request: Request, settings: Settings) -> tuple[list[tuple[str, bytes]], list[int] | None]:
+@dataclass
+class PredictRequest:
+    files: list[tuple[str, bytes]]  # (name, encoded image)
+    labels: list[int] | None
+    stream: str
+
+
+async def parse_predict(request: Request, settings: Settings) -> PredictRequest:
     content_type = request.headers.get("content-type", "")
     body = await read_body(request, settings.max_request_bytes)
     kind = media_type(content_type)
     if kind == "multipart/form-data":
-        files, labels = _parse_multipart(body, content_type, settings.max_files_per_request)
+        files, labels, stream = _parse_multipart(body, content_type, settings.max_files_per_request)
     elif kind == "application/json":
-        files, labels = _parse_json(body)
+        files, labels, stream = _parse_json(body)
     else:
         raise InputError(
             415,
@@ -67,7 +78,20 @@ async def parse_predict(request: Request, settings: Settings) -> tuple[list[tupl
         )
     if labels is not None and len(labels) != len(files):
         raise InputError(422, "labels_mismatch", f"{len(labels)} labels for {len(files)} images: send one per image")
-    return files, labels
+    return PredictRequest(files, labels, request_stream(request.headers.get(STREAM_HEADER), stream))
+
+
+def request_stream(header: str | None, field: str | None) -> str:
+    """The stream a request names: its `stream` field or its X-TTA-Stream header (not two different ones),
+    or `default`."""
+    if header is not None and field is not None and header != field:
+        raise InputError(422, "invalid_stream", f"the {STREAM_HEADER} header and the stream field name two streams")
+    name = field if field is not None else header
+    if name is None:
+        return DEFAULT_STREAM
+    if not valid_stream(name):
+        raise InputError(422, "invalid_stream", f"stream name {name[:80]!r} is not {STREAM_RULE}")
+    return name
 
 
 async def parse_feedback(request: Request, settings: Settings) -> list[FeedbackItem]:
@@ -135,9 +159,9 @@ def _part(section: bytes) -> tuple[str, str | None, bytes]:
 
 def _parse_multipart(
     body: bytes, content_type: str, max_files: int
-) -> tuple[list[tuple[str, bytes]], list[int] | None]:
+) -> tuple[list[tuple[str, bytes]], list[int] | None, str | None]:
     parts = split_multipart(body, content_type, max_files)
-    files, raw_labels = [], []
+    files, raw_labels, stream = [], [], None
     for name, filename, content in parts:
         if name == "files":
             if filename is None:
@@ -145,7 +169,11 @@ def _parse_multipart(
             files.append((filename or f"files[{len(files)}]", content))
         elif name == "labels" and filename is None:
             raw_labels.append(content.decode("utf-8", "replace"))
-    return files, _parse_labels(raw_labels) if raw_labels else None
+        elif name == "stream" and filename is None:
+            if stream is not None:
+                raise InputError(422, "invalid_stream", "the request names its stream twice: send one 'stream' field")
+            stream = content.decode("utf-8", "replace")
+    return files, _parse_labels(raw_labels) if raw_labels else None, stream
 
 
 def _parse_labels(fields: list[str]) -> list[int]:
@@ -158,7 +186,7 @@ def _parse_labels(fields: list[str]) -> list[int]:
     return [int(p) for p in pieces]
 
 
-def _parse_json(body: bytes) -> tuple[list[tuple[str, bytes]], list[int] | None]:
+def _parse_json(body: bytes) -> tuple[list[tuple[str, bytes]], list[int] | None, str | None]:
     payload = _validate_json(PREDICT_JSON, body)
     files = []
     for index, encoded in enumerate(payload.images):
@@ -166,7 +194,7 @@ def _parse_json(body: bytes) -> tuple[list[tuple[str, bytes]], list[int] | None]
             files.append((f"images[{index}]", base64.b64decode(encoded, validate=True)))
         except (binascii.Error, ValueError):
             raise InputError(400, "bad_base64", f"images[{index}] is not valid base64") from None
-    return files, payload.labels
+    return files, payload.labels, payload.stream
 
 
 def _validate_json(adapter: TypeAdapter[T], body: bytes) -> T:

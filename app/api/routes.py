@@ -5,11 +5,12 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.auth import require_admin, require_api_key
+from app.adaptation.streams import DEFAULT_STREAM, STREAM_RULE, valid_stream
+from app.api.auth import require_admin, require_api_key, require_stream_access
 from app.api.parsing import parse_feedback, parse_predict
 from app.api.schemas import (
     ERROR_RESPONSES,
@@ -19,6 +20,8 @@ from app.api.schemas import (
     PredictResponse,
     ResetResponse,
     StatusResponse,
+    StreamsResponse,
+    StreamStatus,
 )
 from app.metrics.ledger import LedgerEntry
 from app.serving.preprocess import InputError
@@ -83,14 +86,17 @@ async def predict(request: Request) -> Response:
     settings, card = service.settings, service.card
     started = time.monotonic()
     service.batcher.admit(1)  # before the body is read: no room even for one image, no need to parse it
-    files, labels = await parse_predict(request, settings)
+    parsed = await parse_predict(request, settings)
+    files, labels, stream = parsed.files, parsed.labels, parsed.stream
+    require_stream_access(request, stream)
     service.batcher.admit(len(files))  # before decoding, the costly part; submit() checks again after it
     for label in labels or ():
         service.ledger.check_label(label)
     images = await service.decoder.decode(files)
     remaining = settings.request_timeout_s - (time.monotonic() - started)
-    result = await service.batcher.submit(images, max(remaining, 0.001))
+    result = await service.batcher.submit(images, max(remaining, 0.001), stream)
     out, names = result.output, card.class_names
+    step = out.step[result.offset]  # every image of a request is in its one stream
     predictions = []
     now = time.monotonic()
     for i in range(result.offset, result.offset + result.count):
@@ -98,7 +104,7 @@ async def predict(request: Request) -> Response:
         source = out.source_class_index[i] if out.source_class_index is not None else None
         label = labels[i - result.offset] if labels is not None else None
         service.ledger.record(
-            prediction_id, LedgerEntry(out.class_index[i], source, out.entropy[i], now, out.step), label
+            prediction_id, LedgerEntry(out.class_index[i], source, out.entropy[i], now, step, stream=stream), label
         )
         predictions.append(
             {
@@ -120,7 +126,7 @@ async def predict(request: Request) -> Response:
             service.metrics.batch_duration.labels(phase).observe(seconds)
     # Serialised here rather than validated against PredictResponse by FastAPI: the shape is fixed above, and that
     # validation was among the largest non-model costs in the saturation profile (docs/BENCHMARKS.md, speed).
-    body = json.dumps({"predictions": predictions, "adaptation_step": out.step}, separators=(",", ":"))
+    body = json.dumps({"predictions": predictions, "adaptation_step": step}, separators=(",", ":"))
     return Response(body, media_type="application/json")
 
 
@@ -138,6 +144,8 @@ async def predict(request: Request) -> Response:
 async def feedback(request: Request) -> dict[str, int]:
     service = _service(request)
     items = await parse_feedback(request, service.settings)
+    for stream in service.ledger.streams_of([item.id for item in items]):
+        require_stream_access(request, stream)
     outcomes = service.ledger.label_all([(item.id, item.label) for item in items])
     return {"labelled": len(outcomes), "correct": sum(outcomes)}
 
@@ -147,12 +155,49 @@ async def feedback(request: Request) -> dict[str, int]:
     response_model=ResetResponse,
     dependencies=[Depends(require_admin)],
     responses=ERROR_RESPONSES,
-    summary="Admin: return the adaptation to the source model, between two batches",
+    summary="Admin: return every stream's adaptation (or one stream's: ?stream=S) to the source, between two batches",
 )
-async def reset(request: Request) -> dict[str, Any]:
+async def reset(
+    request: Request, stream: str | None = Query(None, description="the one stream to reset; absent: all")
+) -> dict[str, Any]:
     service = _service(request)
-    await service.worker.reset("manual")
-    return {"reset": True, "adaptation_step": service.worker.snapshot["steps_since_reset"]}
+    if stream is not None and not valid_stream(stream):
+        raise InputError(422, "invalid_stream", f"stream name {stream[:80]!r} is not {STREAM_RULE}")
+    names = await service.worker.reset("manual", stream)
+    if stream is not None and not names:
+        raise InputError(404, "unknown_stream", f"no stream {stream!r} (never seen, or evicted)")
+    shown = service.worker.stream_snapshots.get(stream or DEFAULT_STREAM, service.worker.snapshot)
+    return {"reset": True, "adaptation_step": shown["steps_since_reset"], "streams": names}
+
+
+@router.get("/v1/streams", response_model=StreamsResponse, summary="Every stream's adaptation and prequential figures")
+async def streams(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    snapshots = service.worker.stream_snapshots
+    return {
+        "streams": [stream_status(service, name, snapshot) for name, snapshot in snapshots.items()],
+        "max_streams": service.settings.max_streams,
+        "evicted": service.worker.snapshot["streams"]["evicted"],
+    }
+
+
+@router.get(
+    "/v1/streams/{stream}",
+    response_model=StreamStatus,
+    responses={404: ERROR_RESPONSES[404]},
+    summary="One stream's adaptation and prequential figures",
+)
+async def one_stream(request: Request, stream: str) -> dict[str, Any]:
+    service = _service(request)
+    snapshot = service.worker.stream_snapshots.get(stream)
+    if snapshot is None:
+        raise InputError(404, "unknown_stream", f"no stream {stream[:80]!r} (never seen, or evicted)")
+    return stream_status(service, stream, snapshot)
+
+
+def stream_status(service: Any, name: str, snapshot: dict[str, Any]) -> dict[str, Any]:
+    keys = ("steps_total", "steps_since_reset", "skipped", "resets", "entropy_ema", "param_drift", "buffer_fill")
+    return {"stream": name, **{k: snapshot[k] for k in keys}, "prequential": service.ledger.stream_summary(name)}
 
 
 @router.get("/v1/status", response_model=StatusResponse, summary="Method, model, adaptation and guard state, figures")

@@ -32,6 +32,11 @@ class PredictJSON(BaseModel):
     labels: list[StrictInt] | None = Field(
         None, description="true class index of each image (a JSON integer, 0 to num_classes - 1), to score it"
     )
+    stream: str | None = Field(
+        None,
+        description="the stream (camera, tenant) whose adaptation state serves these images; or the X-TTA-Stream "
+        "header; absent: 'default'. 1 to 64 characters: letters, digits and . _ - :",
+    )
 
 
 class FeedbackItem(BaseModel):
@@ -46,7 +51,28 @@ class FeedbackResponse(BaseModel):
 
 class ResetResponse(BaseModel):
     reset: bool
-    adaptation_step: int
+    adaptation_step: int = Field(description="steps since the last reset of the stream reset (or 'default')")
+    streams: list[str] = Field(description="the streams reset")
+
+
+class StreamStatus(BaseModel):
+    stream: str
+    steps_total: int
+    steps_since_reset: int
+    skipped: dict[str, int] = Field(description="batches not used for a step, by reason")
+    resets: dict[str, int] = Field(description="returns to the source state, by reason")
+    entropy_ema: float | None
+    param_drift: float = Field(description="||theta - theta_source|| / ||theta_source||")
+    buffer_fill: int = Field(description="small-batch images waiting for this stream's next step")
+    prequential: dict[str, dict[str, Any]] = Field(
+        description="per model (adapted; source with the shadow): labels, correct, accuracy, window_accuracy"
+    )
+
+
+class StreamsResponse(BaseModel):
+    streams: list[StreamStatus]
+    max_streams: int
+    evicted: int = Field(description="streams evicted (least recently used) since the start")
 
 
 class ErrorBody(BaseModel):

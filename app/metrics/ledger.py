@@ -20,6 +20,7 @@ class LedgerEntry:
     created: float  # time.monotonic()
     step: int
     labelled: bool = False
+    stream: str = "default"  # whose adaptation state made the prediction: its label is scored there too
 
 
 class LabelError(Exception):
@@ -48,6 +49,15 @@ class PrequentialScore:
     def window_accuracy(self) -> float | None:
         return self._recent_correct / len(self._recent) if self._recent else None
 
+    def summary(self) -> dict[str, Any]:
+        accuracy = self.correct / self.labels if self.labels else None
+        return {
+            "labels": self.labels,
+            "correct": self.correct,
+            "accuracy": accuracy,
+            "window_accuracy": self.window_accuracy(),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {"labels": self.labels, "correct": self.correct, "recent": list(self._recent)}
 
@@ -61,8 +71,12 @@ class PrequentialScore:
 
 
 class PredictionLedger:
-    def __init__(self, num_classes: int, max_size: int, max_age_s: float, window: int) -> None:
+    def __init__(self, num_classes: int, max_size: int, max_age_s: float, window: int, max_streams: int = 1024) -> None:
         self.num_classes = num_classes
+        self.window = window
+        self.max_streams = max_streams
+        # Per stream, the least recently scored first; bounded like the streams themselves.
+        self.stream_scores: OrderedDict[str, dict[str, PrequentialScore]] = OrderedDict()
         self.max_size = max_size
         self.max_age_s = max_age_s
         self._entries: OrderedDict[str, LedgerEntry] = OrderedDict()
@@ -123,10 +137,34 @@ class PredictionLedger:
     def _score(self, entry: LedgerEntry, label: int) -> bool:
         entry.labelled = True
         correct = entry.class_index == label
-        self.scores["adapted"].add(correct)
-        if entry.source_class_index is not None:
-            self.scores["source"].add(entry.source_class_index == label)
+        for scores in (self.scores, self._scores_of(entry.stream)):
+            scores["adapted"].add(correct)
+            if entry.source_class_index is not None:
+                scores["source"].add(entry.source_class_index == label)
         return correct
+
+    def _scores_of(self, stream: str) -> dict[str, PrequentialScore]:
+        scores = self.stream_scores.get(stream)
+        if scores is None:
+            if len(self.stream_scores) >= self.max_streams:
+                self.stream_scores.popitem(last=False)
+            scores = self.stream_scores[stream] = {m: PrequentialScore(self.window) for m in ("adapted", "source")}
+        else:
+            self.stream_scores.move_to_end(stream)
+        return scores
+
+    def streams_of(self, prediction_ids: Sequence[str]) -> set[str]:
+        """The streams of those predictions that are remembered (an unknown id is label_all's to refuse)."""
+        with self._lock:
+            return {entry.stream for i in prediction_ids if (entry := self._entries.get(i)) is not None}
+
+    def stream_summary(self, stream: str) -> dict[str, dict[str, Any]]:
+        """A stream's prequential figures per model, for GET /v1/streams."""
+        with self._lock:
+            scores = self.stream_scores.get(stream)
+            if scores is None:
+                return {}
+            return {model: score.summary() for model, score in scores.items() if score.labels}
 
     def _evict(self, now: float) -> None:
         while len(self._entries) > self.max_size:
@@ -147,6 +185,10 @@ class PredictionLedger:
             labelled = [entry.labelled for entry in remembered]
             prequential = {
                 "scores": {name: score.state_dict() for name, score in self.scores.items()},
+                "streams": {
+                    stream: {name: score.state_dict() for name, score in scores.items()}
+                    for stream, scores in self.stream_scores.items()
+                },
                 "shadow_compared": self.shadow_compared,
                 "shadow_agreed": self.shadow_agreed,
             }
@@ -159,6 +201,7 @@ class PredictionLedger:
             "created_at": [entry.created + to_wall for entry in remembered],
             "step": [entry.step for entry in remembered],
             "labelled": labelled,
+            "stream": [entry.stream for entry in remembered],
         }
         return {"prequential": prequential, "entries": entries}
 
@@ -175,14 +218,19 @@ class PredictionLedger:
             columns["created_at"],
             columns["step"],
             columns["labelled"],
+            columns["stream"],
             strict=True,
         )
         entries = OrderedDict(
-            (prediction_id, LedgerEntry(index, source, entropy, created_at + to_monotonic, step, labelled))
-            for prediction_id, index, source, entropy, created_at, step, labelled in rows
+            (prediction_id, LedgerEntry(index, source, entropy, created_at + to_monotonic, step, labelled, stream))
+            for prediction_id, index, source, entropy, created_at, step, labelled, stream in rows
         )
         scores = {name: score.loaded(prequential["scores"][name]) for name, score in self.scores.items()}
+        stream_scores = OrderedDict(
+            (stream, {name: PrequentialScore(self.window).loaded(state) for name, state in saved.items()})
+            for stream, saved in list(prequential["streams"].items())[-self.max_streams :]
+        )
         with self._lock:
-            self._entries, self.scores = entries, scores
+            self._entries, self.scores, self.stream_scores = entries, scores, stream_scores
             self.shadow_compared, self.shadow_agreed = prequential["shadow_compared"], prequential["shadow_agreed"]
             self._evict(time.monotonic())

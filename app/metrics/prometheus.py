@@ -134,6 +134,12 @@ class _AdaptationCollector(Collector):
                 "predictions where adapted and source models agree",
                 value=self.ledger.shadow_agreed,
             )
+        yield GaugeMetricFamily("tta_streams_active", "streams with an adaptation state", value=s["streams"]["active"])
+        yield CounterMetricFamily(
+            "tta_streams_evicted",
+            "least recently used streams evicted past TTA_MAX_STREAMS",
+            value=s["streams"]["evicted"],
+        )
         yield CounterMetricFamily("tta_adaptation_steps", "optimiser steps taken", value=s["steps_total"])
         skipped = CounterMetricFamily(
             "tta_adaptation_skipped", "batches not used for a step, by reason", labels=["reason"]

@@ -67,6 +67,7 @@ class RequestResult:
 @dataclass(eq=False)
 class _Pending:
     images: torch.Tensor
+    stream: str
     enqueued_at: float
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -74,7 +75,7 @@ class _Pending:
 class Batcher:
     def __init__(
         self,
-        run_batch: Callable[[list[torch.Tensor]], Awaitable[BatchOutput]],
+        run_batch: Callable[[list[torch.Tensor], list[str]], Awaitable[BatchOutput]],
         max_batch_size: int,
         max_wait_s: float,
         max_queue_images: int,
@@ -155,9 +156,9 @@ class Batcher:
                 _ceil(wait - budget_s),  # once that much work is done, a request like this one fits again
             )
 
-    async def submit(self, images: torch.Tensor, timeout_s: float) -> RequestResult:
+    async def submit(self, images: torch.Tensor, timeout_s: float, stream: str) -> RequestResult:
         self.admit(len(images), within_s=timeout_s)
-        pending = _Pending(images, time.monotonic())
+        pending = _Pending(images, stream, time.monotonic())
         self._queue.append(pending)
         self.queued_images += len(images)
         self._arrived.set()
@@ -216,7 +217,7 @@ class Batcher:
         self.on_batch(size, dispatched - batch[0].enqueued_at)
         self.computing_images = size
         try:
-            output = await self._run_batch([p.images for p in batch])
+            output = await self._run_batch([p.images for p in batch], [p.stream for p in batch])
         except Exception as error:  # every request of the batch hears about it; the loop goes on
             for pending in batch:
                 if not pending.future.done():

@@ -39,7 +39,6 @@ from models.checkpoint import card_path
 
 FORMAT = "tta-state/1"
 FILE_NAME = "state.safetensors"
-DEFAULT_STREAM = "default"
 TENSOR = "$tensor"  # {"$tensor": name} in the header stands for the tensor of that name
 
 # The ledger's columns go into tensors: 100,000 remembered predictions are ~6 MB this way, and as JSON text would
@@ -136,12 +135,15 @@ def _digest(header: str, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+STRING_COLUMNS = ("ids", "stream")  # stored as their UTF-8 bytes end to end, and the length of each
+
+
 def ledger_entries_to_tensors(entries: dict[str, list]) -> dict[str, torch.Tensor]:
-    ids = [prediction_id.encode() for prediction_id in entries["ids"]]
-    tensors = {
-        "ids": torch.from_numpy(np.frombuffer(b"".join(ids), dtype=np.uint8).copy()),
-        "id_lengths": torch.tensor([len(i) for i in ids], dtype=torch.int64),
-    }
+    tensors = {}
+    for name in STRING_COLUMNS:
+        encoded = [value.encode() for value in entries[name]]
+        tensors[name] = torch.from_numpy(np.frombuffer(b"".join(encoded), dtype=np.uint8).copy())
+        tensors[f"{name}_lengths"] = torch.tensor([len(e) for e in encoded], dtype=torch.int64)
     for name, dtype in LEDGER_COLUMNS.items():
         values = entries[name]
         if name == "source_class_index":
@@ -151,8 +153,10 @@ def ledger_entries_to_tensors(entries: dict[str, list]) -> dict[str, torch.Tenso
 
 
 def ledger_entries_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
-    data, ends = tensors["ids"].numpy().tobytes(), tensors["id_lengths"].cumsum(0).tolist()
-    entries = {"ids": [data[start:end].decode() for start, end in zip([0, *ends[:-1]], ends, strict=True)]}
+    entries = {}
+    for name in STRING_COLUMNS:
+        data, ends = tensors[name].numpy().tobytes(), tensors[f"{name}_lengths"].cumsum(0).tolist()
+        entries[name] = [data[start:end].decode() for start, end in zip([0, *ends[:-1]], ends, strict=True)]
     for name in LEDGER_COLUMNS:
         entries[name] = tensors[name].tolist()
     entries["source_class_index"] = [None if v == NO_SOURCE else v for v in entries["source_class_index"]]
@@ -264,12 +268,11 @@ class Persistence:
 
     async def _load(self, state: dict[str, Any]) -> None:
         """All or nothing: the ledger goes back to how it was if the engine refuses its part."""
-        stream = state["streams"][DEFAULT_STREAM]
         entries = ledger_entries_from_tensors(state["ledger"]["entries"])
         before = self.ledger.state_dict()
-        self.ledger.load_state_dict({"prequential": stream["prequential"], "entries": entries})
+        self.ledger.load_state_dict({"prequential": state["ledger"]["prequential"], "entries": entries})
         try:
-            await self.worker.load_state(stream["engine"])
+            await self.worker.load_state({name: stream["engine"] for name, stream in state["streams"].items()})
         except Exception:
             self.ledger.load_state_dict(before)
             raise
@@ -317,8 +320,8 @@ class Persistence:
     def _write(self, engine_state: dict[str, Any], created_at: float) -> int:
         ledger = self.ledger.state_dict()
         state = {
-            "streams": {DEFAULT_STREAM: {"engine": engine_state, "prequential": ledger["prequential"]}},
-            "ledger": {"entries": ledger_entries_to_tensors(ledger["entries"])},
+            "streams": {name: {"engine": stream_state} for name, stream_state in engine_state.items()},
+            "ledger": {"prequential": ledger["prequential"], "entries": ledger_entries_to_tensors(ledger["entries"])},
         }
         return self.file.write(state, created_at)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from app.adaptation.engine import AdaptationEngine
 from app.adaptation.guards import softmax_entropy
+from app.adaptation.streams import DEFAULT_STREAM, StreamEngines
 from models.data import normalize
 
 
@@ -26,18 +26,22 @@ class BatchOutput:
     top_k_index: list[list[int]]
     top_k_confidence: list[list[float]]
     source_class_index: list[int] | None
-    step: int
+    step: list[int]  # of each image's stream: its adaptation steps since its last reset, after this batch
     seconds: dict[str, float]  # duration of each phase
 
 
 class ModelWorker:
-    def __init__(self, engine: AdaptationEngine, mean: tuple[float, ...], std: tuple[float, ...], top_k: int) -> None:
-        self.engine = engine
-        self.top_k = min(top_k, engine.num_classes)
+    def __init__(self, streams: StreamEngines, mean: tuple[float, ...], std: tuple[float, ...], top_k: int) -> None:
+        self.streams = streams
+        self.engine = streams.engine(DEFAULT_STREAM)  # the stream of every request that names none
+        self.top_k = min(top_k, self.engine.num_classes)
         self.mean, self.std = mean, std
         self._jobs: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
-        self.snapshot: dict[str, Any] = engine.snapshot()  # replaced (never mutated) after every job
+        # Both replaced (never mutated) after every job, so other threads read them without a lock.
+        self._fresh = self.engine.snapshot()  # what a stream with no state yet looks like
+        self.stream_snapshots: dict[str, dict[str, Any]] = {DEFAULT_STREAM: self._fresh}
+        self.snapshot: dict[str, Any] = self._summary(self.stream_snapshots)
 
     def start(self) -> None:
         self._thread.start()
@@ -50,19 +54,25 @@ class ModelWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    async def predict(self, images: list[torch.Tensor]) -> BatchOutput:
-        """Run one batch (a list of uint8 N_i x 3 x S x S tensors, one per request) on the worker thread."""
-        return await self._submit(lambda: self._predict(images))
+    async def predict(self, images: list[torch.Tensor], streams: list[str]) -> BatchOutput:
+        """Run one batch (uint8 N_i x 3 x S x S tensors and the stream of each request) on the worker thread."""
+        return await self._submit(lambda: self._predict(images, streams))
 
-    async def reset(self, reason: str) -> None:
-        await self._submit(lambda: self.engine.reset(reason))
+    async def reset(self, reason: str, stream: str | None = None) -> list[str]:
+        """Reset one stream, or every stream (None); returns the streams reset."""
+        return await self._submit(lambda: self.streams.reset(reason, stream))
 
-    async def capture_state(self) -> dict[str, Any]:
-        """The engine's state_dict(), cloned between two batches: serving pauses only for the clone."""
-        return await self._submit(self.engine.state_dict)
+    async def capture_state(self) -> dict[str, dict[str, Any]]:
+        """Every stream's state_dict(), cloned between two batches: serving pauses only for the clone."""
+        return await self._submit(self.streams.state_dicts)
 
-    async def load_state(self, state: dict[str, Any]) -> None:
-        await self._submit(lambda: self.engine.load_state_dict(state))
+    async def load_state(self, states: dict[str, dict[str, Any]]) -> None:
+        """Every stream's state, all or none (a state that does not fit raises and changes nothing)."""
+        await self._submit(lambda: self._load(states))
+
+    def _load(self, states: dict[str, dict[str, Any]]) -> None:
+        self.streams.load_state_dicts(states)
+        self.engine = self.streams.engine(DEFAULT_STREAM)
 
     async def _submit(self, job: Callable[[], Any]) -> Any:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -80,22 +90,46 @@ class ModelWorker:
             except BaseException as caught:  # the worker must outlive any one bad batch
                 error = caught
             # Before the future resolves: whoever awaited the job (a reset, then GET /v1/status) reads its effect.
-            self.snapshot = self.engine.snapshot()
+            self._take_snapshots()
             if error is None:
                 future.set_result(result)
             else:
                 future.set_exception(error)
 
-    def _predict(self, images: list[torch.Tensor]) -> BatchOutput:
+    def _take_snapshots(self) -> None:
+        self.stream_snapshots = self.streams.snapshots(self.stream_snapshots)
+        self.snapshot = self._summary(self.stream_snapshots)
+
+    def _summary(self, streams: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """/v1/status's view: the default stream's state, with counters summed over every stream there has been."""
+        return {
+            **streams.get(DEFAULT_STREAM, self._fresh),
+            **self.streams.totals(streams),
+            "streams": {"active": len(streams), "max": self.streams.max_streams, "evicted": self.streams.evicted},
+        }
+
+    def _predict(self, images: list[torch.Tensor], streams: list[str]) -> BatchOutput:
         started = time.perf_counter()
         x = normalize(torch.cat(images).to(self.engine.device, non_blocking=True), self.mean, self.std)
-        result = self.engine.step(x)
+        per_image = [stream for batch, stream in zip(images, streams, strict=True) for _ in range(len(batch))]
+        results = self.streams.step(x, per_image)
+        logits = _in_batch_order(len(x), [(share.positions, result.logits) for share, result in results])
+        shadowed = all(result.source_logits is not None for _, result in results)
+        source_logits = (
+            _in_batch_order(len(x), [(share.positions, result.source_logits) for share, result in results])
+            if shadowed
+            else None
+        )
+        steps = [0] * len(x)
+        for share, result in results:
+            for position in share.positions:
+                steps[position] = result.step
         stepped = time.perf_counter()
         with torch.inference_mode():
-            probabilities = result.logits.float().softmax(1)
+            probabilities = logits.float().softmax(1)
             top_conf, top_index = probabilities.topk(self.top_k, dim=1)
-            entropy = softmax_entropy(result.logits.float())
-            source = result.source_logits.argmax(1).tolist() if result.source_logits is not None else None
+            entropy = softmax_entropy(logits.float())
+            source = source_logits.argmax(1).tolist() if source_logits is not None else None
             output = BatchOutput(
                 class_index=top_index[:, 0].tolist(),
                 confidence=top_conf[:, 0].tolist(),
@@ -103,8 +137,19 @@ class ModelWorker:
                 top_k_index=top_index.tolist(),
                 top_k_confidence=top_conf.tolist(),
                 source_class_index=source,
-                step=result.step,
+                step=steps,
                 seconds={},
             )
         output.seconds = {"model": stepped - started, "postprocess": time.perf_counter() - stepped}
         return output
+
+
+def _in_batch_order(size: int, parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """One tensor of `size` rows from each stream's rows and their positions in the batch."""
+    if len(parts) == 1:
+        return parts[0][1]  # one stream: its rows are the batch, in order
+    first = parts[0][1]
+    out = first.new_empty((size, *first.shape[1:]))
+    for positions, rows in parts:
+        out[positions] = rows
+    return out
