@@ -50,7 +50,7 @@ class Settings(BaseSettings, ForeignModel):
     # budget for the throughput estimate to be wrong before a 504 (at an overload's onset it was 25-40% optimistic,
     # and a machine shared with other work can halve the throughput in seconds); and on the default model it is about
     # what the default count bound holds (1,024 images at ~250 images/s), so the time bound carries that over to
-    # slower models and devices.
+    # slower models and devices. Where two full batches take longer, the batcher allows two full batches.
     max_queue_delay_ms: float | None = Field(
         None,
         gt=0,

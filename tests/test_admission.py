@@ -26,8 +26,10 @@ async def never_called(images: list[torch.Tensor], streams: list[str]) -> None:
     raise AssertionError("no batch runs in this test")
 
 
-def batcher(budget_s: float = 1.0, max_queue_images: int = 1024, images_per_s: float | None = None) -> Batcher:
-    b = Batcher(never_called, 64, max_wait_s=0, max_queue_images=max_queue_images, max_queue_delay_s=budget_s)
+def batcher(
+    budget_s: float = 1.0, max_queue_images: int = 1024, images_per_s: float | None = None, max_batch_size: int = 8
+) -> Batcher:
+    b = Batcher(never_called, max_batch_size, 0, max_queue_images=max_queue_images, max_queue_delay_s=budget_s)
     if images_per_s is not None:
         b.throughput.observe(int(images_per_s), 1.0)
     return b
@@ -68,10 +70,17 @@ def test_a_request_expected_past_the_budget_is_refused_with_an_honest_retry_afte
 
 
 def test_an_idle_server_admits_whatever_its_last_estimate() -> None:
-    b = batcher(budget_s=0.1, images_per_s=1)  # a stale estimate: 64 images would take a minute
+    b = batcher(budget_s=0.1, images_per_s=10)  # a stale estimate: 64 images would take 6.4 s
     b.admit(64)  # nothing ahead: the batch it makes measures the throughput again
-    b.computing_images = 1
+    b.computing_images = 64
     assert refusal(b, 1).code == "overloaded"
+
+
+def test_the_budget_is_never_under_two_full_batches() -> None:
+    b = batcher(budget_s=0.1, images_per_s=100, max_batch_size=64)  # a batch of 64 takes 0.64 s
+    b.computing_images = 64
+    b.admit(64)  # (64 + 64) / 100 = 1.28 s: the next full batch may form while this one computes
+    assert refusal(b, 65).code == "overloaded"
 
 
 def test_the_time_a_request_has_left_narrows_the_budget() -> None:
@@ -116,7 +125,7 @@ async def test_batches_measure_the_throughput_and_the_running_batch_counts_as_ah
 
 
 async def test_an_overloaded_server_refuses_before_decoding(model_path: Path) -> None:
-    async with in_process_client(model=model_path, max_queue_delay_ms=1000) as (client, app):
+    async with in_process_client(model=model_path, max_queue_delay_ms=1000, max_batch_size=8) as (client, app):
         batcher = app.state.service.batcher
         batcher.throughput.observe(10, 1.0)  # 10 images/s,
         batcher.computing_images = 64  # and a batch of 64 running: the next image is 6.5 s away
@@ -125,7 +134,7 @@ async def test_an_overloaded_server_refuses_before_decoding(model_path: Path) ->
         status = (await client.get("/v1/status")).json()["batching"]
     assert response.status_code == 503
     assert response.json()["error"] == "overloaded"
-    assert response.headers["retry-after"] == "6"  # 6.5 s expected, 1 s allowed
+    assert response.headers["retry-after"] == "5"  # 6.5 s expected, 1.6 s (two batches of 8) allowed
     assert status["max_queue_delay_ms"] == 1000
     assert status["throughput_images_per_s"] == pytest.approx(10)
     assert status["expected_wait_s"] == pytest.approx(6.4)

@@ -7,8 +7,9 @@ request's images stay together and in order; a request past its deadline is drop
 
 Admission is by time as well as by count: a request is refused at once (503 `overloaded`) when its
 images would not be computed within `max_queue_delay_s`, estimated from the images ahead of it and
-the throughput measured over recent batches. The queue bound in images (503 `queue_full`) still
-holds, and is the only bound before the first batch has measured the throughput.
+the throughput measured over recent batches, and never less than two full batches at that
+throughput. The queue bound in images (503 `queue_full`) still holds, and is the only bound before
+the first batch has measured the throughput.
 """
 
 import asyncio
@@ -130,7 +131,7 @@ class Batcher:
         if not self._accepting:
             raise InputError(503, "shutting_down", "the server is shutting down; retry on another instance")
         self._check_room(count)
-        self._check_time(count, min(self.max_queue_delay_s, within_s))
+        self._check_time(count, within_s)
 
     def _check_room(self, count: int) -> None:
         excess = self.queued_images + count - self.max_queue_images
@@ -143,13 +144,17 @@ class Batcher:
                 _ceil(excess / rate if rate else 1),
             )
 
-    def _check_time(self, count: int, budget_s: float) -> None:
-        if not (self.queued_images or self.computing_images):
-            # Nothing ahead: the request goes straight into a batch, which measures the throughput afresh; refusing
-            # on an old estimate here could refuse for ever, since no batch would run to correct it.
+    def _check_time(self, count: int, within_s: float) -> None:
+        rate = self.throughput.images_per_s
+        if rate is None or not (self.queued_images or self.computing_images):
+            # Before the first batch, the count bound alone. With nothing ahead, the request goes straight into a
+            # batch, which measures the throughput afresh: refusing on an old estimate could refuse for ever.
             return
-        wait = self.expected_wait_s(count)
-        if wait is not None and wait > budget_s:
+        # Never under two full batches, one computing while the next forms: a shorter budget would refuse whatever
+        # comes during a batch and leave the worker idle after it (a slow model, or one on a slower device).
+        budget_s = min(max(self.max_queue_delay_s, 2 * self.max_batch_size / rate), within_s)
+        wait = (self.queued_images + self.computing_images + count) / rate
+        if wait > budget_s:
             raise OverloadError(
                 "overloaded",
                 f"these images would be answered in about {wait:.1f} s, past the {budget_s:.1f} s this server allows",

@@ -20,8 +20,8 @@ from models.card import ModelCard
 
 log = logging.getLogger("tta")
 
-# Four: the admission budget, half the timeout by default, then covers two full batches, a full request queued
-# behind a full batch being computed, and that request still has as long again before its 504.
+# Four: the admission budget, never under two full batches (app/serving/batcher.py), then covers a full request
+# queued behind a full batch being computed, and that request still has as long again before its 504.
 FULL_BATCHES = 4
 PROBE_IMAGES = 8
 MAX_TIMEOUT_S = 3600.0  # the setting's own upper bound
