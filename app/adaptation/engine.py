@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from app.adaptation.guards import CollapseMonitor, predicted_class_entropy, relative_drift, softmax_entropy
-from app.adaptation.norm import TestTimeBatchNorm, commit_statistics, configure, set_stats_update
+from app.adaptation.norm import TestTimeBatchNorm, can_mix, commit_statistics, configure, set_stats_update
 from app.config import Settings
 
 # Every reason the engine counts, so that each series exists (at 0) before its first event.
@@ -32,6 +32,12 @@ class StepResult:
     logits: torch.Tensor  # from the forward pass made before this batch's update
     source_logits: torch.Tensor | None  # the frozen source model's, when the shadow is on
     step: int  # adaptation steps since the last reset, after this batch
+
+
+@dataclass
+class MixedPrediction:
+    logits: torch.Tensor  # of this stream's images, from a forward pass shared with other streams'
+    source_logits: torch.Tensor | None
 
 
 @dataclass
@@ -63,16 +69,19 @@ class AdaptationEngine:
                 num_classes=num_classes,
             )
             self.adapted, self.params, self.norm_kind = configured.model, configured.params, configured.norm_kind
+        self.mixable = self.adapted is not None and can_mix(self.adapted)
         self._initial_state = self._adaptable_state()
         self._source_params = [p.detach().clone() for p in self.params]
         self._fresh_guard_state()
 
     # ----- the one call the worker makes -----
 
-    def step(self, x: torch.Tensor) -> StepResult:
+    def step(self, x: torch.Tensor, predicted: MixedPrediction | None = None) -> StepResult:
+        """`predicted`: this batch's forward pass already made, in a `mixed_forward` with other streams' images
+        (only where `predicts_without_grad` says the pass needs no gradient)."""
         x = x.to(self.device, non_blocking=True)
-        source_logits = None
-        if self.settings.shadow_source or self.adapted is None:
+        source_logits = predicted.source_logits if predicted is not None else None
+        if source_logits is None and (self.settings.shadow_source or self.adapted is None):
             with torch.inference_mode():
                 source_logits = self.source(x)
         if self.adapted is None:
@@ -80,15 +89,13 @@ class AdaptationEngine:
         shadow = source_logits if self.settings.shadow_source else None
         last_good = self._adaptable_state() if self.settings.guard_nonfinite else None
         if self.settings.method == "norm":
-            with torch.no_grad():
-                logits = self.adapted(x)
+            logits = self._forward_without_grad(x, predicted)
             self._predicted(logits, last_good)
             return StepResult(logits, shadow, self.stats.steps_since_reset)
 
         small = self.settings.guard_min_batch and len(x) < self.settings.min_batch
         if small:
-            with torch.no_grad():
-                logits = self.adapted(x)
+            logits = self._forward_without_grad(x, predicted)
             if self._predicted(logits, last_good):
                 self._buffer_and_maybe_adapt(x)
         else:
@@ -100,6 +107,19 @@ class AdaptationEngine:
         if torch.isfinite(logits).all():
             self._check_collapse_and_drift(logits)
         return StepResult(logits, shadow, self.stats.steps_since_reset)
+
+    def predicts_without_grad(self, images: int) -> bool:
+        """Whether a batch of this many images is predicted without a gradient, so that its forward pass may be
+        shared with other streams' images (`norm.mixed_forward`)."""
+        if self.adapted is None or not self.mixable:
+            return False
+        return self.settings.method == "norm" or (self.settings.guard_min_batch and images < self.settings.min_batch)
+
+    def _forward_without_grad(self, x: torch.Tensor, predicted: MixedPrediction | None) -> torch.Tensor:
+        if predicted is not None:
+            return predicted.logits
+        with torch.no_grad():
+            return self.adapted(x)
 
     def reset(self, reason: str) -> None:
         """Back to the source state exactly: parameters, statistics, optimiser and guard state."""

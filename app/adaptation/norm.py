@@ -39,6 +39,7 @@ class TestTimeBatchNorm(nn.Module):
         self.per_sample_momentum = min(1.0, rows / stats_horizon)
         self.update_stats = True
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.mix: tuple[list[TestTimeBatchNorm], torch.Tensor] | None = None  # set only during mixed_forward
         self.weight = nn.Parameter(bn.weight.detach().clone())
         self.bias = nn.Parameter(bn.bias.detach().clone())
         # First and second moments per class, starting at the source statistics: moments, so that any number of
@@ -57,11 +58,21 @@ class TestTimeBatchNorm(nn.Module):
             spatial = list(range(2, x.dim()))
             flat = x.detach().float()
             self._pending = (flat.mean(spatial), flat.square().mean(spatial))
+        if self.mix is not None:  # several streams' images: each with its own stream's layer (see mixed_forward)
+            layers, index = self.mix
+            scales, shifts = zip(*(layer.scale_and_shift() for layer in layers), strict=True)
+            shape = (len(x), -1) + (1,) * (x.dim() - 2)
+            return x * torch.stack(scales)[index].view(shape) + torch.stack(shifts)[index].view(shape)
+        scale, shift = self.scale_and_shift()
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale.view(shape) + shift.view(shape)
+
+    def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalisation with the class-balanced statistics, then the affine parameters, as one map per channel."""
         mean = self.class_mean.mean(0)
         var = (self.class_sqmean.mean(0) - mean.square()).clamp_min(0.0)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
         scale = self.weight / torch.sqrt(var + self.eps)
-        return x * scale.view(shape) + (self.bias - mean * scale).view(shape)
+        return scale, self.bias - mean * scale
 
     @torch.no_grad()
     def commit(self, predicted: torch.Tensor) -> None:
@@ -162,3 +173,35 @@ def commit_statistics(model: nn.Module, predicted: torch.Tensor) -> None:
     for module in model.modules():
         if isinstance(module, TestTimeBatchNorm):
             module.commit(predicted)
+
+
+def mixed_forward(models: list[nn.Module], rows: list[list[int]], x: torch.Tensor) -> torch.Tensor:
+    """One forward pass over several streams' images: image i is normalised by the layers of models[s], the model of
+    the stream whose `rows` hold i, so each image gets exactly the statistics and affine parameters of its own
+    stream, as if its stream ran alone; the convolutions, shared by every stream, run once on the whole batch.
+    Each model's layers are left holding the moments of its own images only, for its `commit_statistics`.
+    For class-balanced (robust) statistics, which do not depend on the batch; `can_mix` says when that holds."""
+    layers = [[m for m in model.modules() if isinstance(m, TestTimeBatchNorm)] for model in models]
+    index = torch.empty(len(x), dtype=torch.long, device=x.device)
+    for stream, stream_rows in enumerate(rows):
+        index[stream_rows] = stream
+    carrier = layers[0]  # every model has the same layers: the first's run the pass
+    for position, layer in enumerate(carrier):
+        layer.mix = ([stream_layers[position] for stream_layers in layers], index)
+    try:
+        logits = models[0](x)
+    finally:
+        for layer in carrier:
+            layer.mix = None
+    for position, layer in enumerate(carrier):
+        if layer._pending is not None:
+            means, sqmeans = layer._pending
+            for stream_layers, stream_rows in zip(layers, rows, strict=True):
+                stream_layers[position]._pending = (means[stream_rows], sqmeans[stream_rows])
+    return logits
+
+
+def can_mix(model: nn.Module) -> bool:
+    """Whether `mixed_forward` gives this model's exact normalisation: only robust TestTimeBatchNorm layers adapt."""
+    norms = [m for m in model.modules() if isinstance(m, (TestTimeBatchNorm, *AFFINE_NORMS))]
+    return bool(norms) and all(isinstance(m, TestTimeBatchNorm) and m.robust for m in norms)

@@ -6,7 +6,8 @@ normalisation layers), so an extra stream costs only what it adapts. At most `ma
 the least recently used one is evicted and starts again from the source if it comes back.
 
 A model batch may hold several streams' images: each stream's images go through its own engine, in the order the
-streams first appear in the batch, so no stream's statistics, gradients or optimiser state ever see another's images.
+streams first appear in the batch, so no stream's statistics, gradients or optimiser state ever see another's images;
+the streams that only predict on this batch share one forward pass (see `StreamEngines.step`).
 """
 
 import re
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-from app.adaptation.engine import AdaptationEngine, StepResult
+from app.adaptation.engine import AdaptationEngine, MixedPrediction, StepResult
+from app.adaptation.norm import mixed_forward
 
 DEFAULT_STREAM = "default"
 STREAM_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -67,15 +69,43 @@ class StreamEngines:
         return engine
 
     def step(self, x: torch.Tensor, streams: list[str]) -> list[tuple[StreamBatch, StepResult]]:
-        """Each stream's images of the batch through its own engine; `streams` names the stream of each image."""
+        """Each stream's images of the batch through its own engine; `streams` names the stream of each image.
+
+        The streams whose images are predicted without a gradient (small batches, buffered for a later step) share
+        one forward pass (`norm.mixed_forward`), in which each image is normalised with its own stream's state:
+        many streams of a few images each then cost what one stream costs, not one small pass per stream."""
         batches: dict[str, StreamBatch] = {}
         for position, name in enumerate(streams):
             batches.setdefault(name, StreamBatch(name, [])).positions.append(position)
+        engines = {name: self.engine(name) for name in batches}
+        shared = [b for b in batches.values() if engines[b.name].predicts_without_grad(len(b.positions))]
+        predicted = self._predict_together(x, shared, engines) if len(shared) > 1 else {}
         results = []
         for batch in batches.values():
             rows = x if len(batches) == 1 else x[batch.positions]
-            results.append((batch, self.engine(batch.name).step(rows)))
+            results.append((batch, engines[batch.name].step(rows, predicted.get(batch.name))))
         return results
+
+    @staticmethod
+    def _predict_together(
+        x: torch.Tensor, batches: list[StreamBatch], engines: dict[str, AdaptationEngine]
+    ) -> dict[str, MixedPrediction]:
+        together = x[[position for batch in batches for position in batch.positions]]
+        rows, start = [], 0
+        for batch in batches:
+            rows.append(list(range(start, start + len(batch.positions))))
+            start += len(batch.positions)
+        first = engines[batches[0].name]
+        with torch.no_grad():
+            logits = mixed_forward([engines[batch.name].adapted for batch in batches], rows, together)
+        source = None
+        if first.settings.shadow_source:
+            with torch.inference_mode():
+                source = first.source(together)  # one frozen source for every stream
+        return {
+            batch.name: MixedPrediction(logits[r], source[r] if source is not None else None)
+            for batch, r in zip(batches, rows, strict=True)
+        }
 
     def reset(self, reason: str, name: str | None = None) -> list[str]:
         """Reset one stream (or every stream, name None); returns the names reset."""
