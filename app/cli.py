@@ -14,6 +14,7 @@ from uvicorn.config import LOG_LEVELS
 
 from app.config import Settings, is_loopback
 from app.model_cli import add_model_commands
+from app.predict_cli import add_predict_command
 from app.serving.http_timeouts import with_read_timeouts
 from models.card import ModelError, check_model_file, one_line
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     flags = settings_flags(serve)
     add_model_commands(commands)
+    add_predict_command(commands)
     args = parser.parse_args(argv)
     if args.command != "serve":
         args.run(args)
