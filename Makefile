@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: serve test lint install prometheus docker-test docker-lock
+.PHONY: serve test lint install prometheus chromium docker-test docker-lock
 
 # The integration tests run a real Prometheus server (Debian package `prometheus`, which brings promtool).
 # Installed here when missing and apt-get can be used; elsewhere those tests skip and say why.
@@ -14,6 +14,14 @@ prometheus:
 	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
 	  echo "prometheus not installed: its integration tests will skip"
+
+# The browser tests (tests/test_ui.py) drive Debian's `chromium` with Playwright (a test extra), since Playwright's
+# own browser download needs a network that is not there. Installed like prometheus; elsewhere those tests skip.
+chromium:
+	@command -v chromium >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not installed: the browser tests will skip"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +34,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/tta serve
 
-test: $(STAMP) prometheus
+test: $(STAMP) prometheus chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

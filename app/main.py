@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app.adaptation.engine import AdaptationEngine
 from app.adaptation.streams import StreamEngines
@@ -22,6 +23,7 @@ from app.serving.batcher import Batcher
 from app.serving.persistence import Persistence, SnapshotFile, model_digest
 from app.serving.preprocess import ImageDecoder, ImageLimits
 from app.serving.worker import ModelWorker
+from app.ui.pages import install_ui
 from models.checkpoint import ModelCard
 from models.importer import open_model
 
@@ -127,7 +129,8 @@ def create_app(settings: Settings | None = None, loaded: tuple[torch.nn.Module, 
         service.worker.stop()
         service.decoder.close()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc with Swagger UI and ReDoc served from the fastapi-offline package, no CDN
+    app = FastAPIOffline(
         title="TTA inference server",
         description="Image classification that adapts online to its traffic (TENT with stability guards), "
         "with dynamic batching and prequential metrics.",
@@ -137,4 +140,5 @@ def create_app(settings: Settings | None = None, loaded: tuple[torch.nn.Module, 
     install_error_handlers(app)
     install_auth(app, settings)  # here, not in the lifespan: a bad key file stops `tta serve` before it listens
     app.include_router(router)
+    install_ui(app)  # the live page at /, its JSON at /v1/live
     return app

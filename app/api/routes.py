@@ -28,9 +28,16 @@ from app.serving.preprocess import InputError
 
 router = APIRouter()
 
+# `labels` is described, not listed among the form's fields: Swagger UI (/docs) sends every listed text field, empty
+# when left blank, and an empty `labels` is refused (422 invalid_labels), so a listed field made the form fail as it
+# stood ("string" pre-filled, or sent empty). Listed as an array of integers, an empty item went out as label 0.
 PREDICT_BODY = {
     "requestBody": {
         "required": True,
+        "description": "Multipart: one `files` part per image and, optionally, their true class indices for "
+        "prequential scoring in `labels` form fields: one field '3,5,1' (ASCII digits, spaces around each allowed) "
+        "or one field per image, in the order of the files (`curl -F files=@a.jpg -F files=@b.png -F labels=3,5`). "
+        "JSON: base64 images, optional integer labels.",
         "content": {
             "multipart/form-data": {
                 "schema": {
@@ -42,10 +49,6 @@ PREDICT_BODY = {
                             "items": {"type": "string", "format": "binary"},
                             "minItems": 1,
                             "description": "one or more images (JPEG, PNG, WebP, GIF)",
-                        },
-                        "labels": {
-                            "type": "string",
-                            "description": "optional true classes: '3,5,1' or one field per image",
                         },
                     },
                 }
