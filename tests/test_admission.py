@@ -3,6 +3,9 @@ the API makes of them, and a real server under overload (503s at once, no 504 fo
 
 import asyncio
 import math
+import os
+import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -10,6 +13,7 @@ import pytest
 import torch
 
 from app.serving.batcher import Batcher, OverloadError, Throughput
+from app.serving.worker import MODEL_THREAD_NICE
 from bench.load import Sample, build_bodies, load_jpegs, open_loop
 from tests.conftest import make_png
 from tests.servers import in_process_client, running_server
@@ -138,6 +142,14 @@ async def test_an_overloaded_server_refuses_before_decoding(model_path: Path) ->
     assert status["max_queue_delay_ms"] == 1000
     assert status["throughput_images_per_s"] == pytest.approx(10)
     assert status["expected_wait_s"] == pytest.approx(6.4)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is Linux's")
+async def test_the_model_thread_runs_below_the_event_loops_priority(model_path: Path) -> None:
+    async with in_process_client(model=model_path):
+        worker = next(t for t in threading.enumerate() if t.name == "model-worker")
+        nice = os.getpriority(os.PRIO_PROCESS, worker.native_id)
+    assert nice == min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + MODEL_THREAD_NICE)
 
 
 async def test_the_budget_defaults_to_a_sixth_of_the_request_timeout(model_path: Path) -> None:

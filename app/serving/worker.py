@@ -2,7 +2,9 @@
 
 import asyncio
 import concurrent.futures
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +16,17 @@ import torch
 from app.adaptation.guards import softmax_entropy
 from app.adaptation.streams import DEFAULT_STREAM, StreamEngines
 from models.data import normalize
+
+# The model thread runs below the event loop's priority: where the two share a core, the loop then answers at once
+# (a 503 in milliseconds rather than after the batch's time slice) and takes little from the batch. Under a 10x
+# overload on a 2-core machine busy with other work, 503 p99 was 0.16-1.9 s at equal priority, 0.03-0.14 s at +5/+10.
+MODEL_THREAD_NICE = 5
+
+
+def lower_this_threads_priority(by: int = MODEL_THREAD_NICE) -> None:
+    if sys.platform == "linux":  # a thread's own nice value; elsewhere the call would name a whole process
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + by)
 
 
 @dataclass
@@ -80,6 +93,7 @@ class ModelWorker:
         return await asyncio.wrap_future(future)
 
     def _run(self) -> None:
+        lower_this_threads_priority()
         while (item := self._jobs.get()) is not None:
             job, future = item
             if not future.set_running_or_notify_cancel():
