@@ -124,7 +124,10 @@ class Settings(BaseSettings, ForeignModel):
         True, description="no step on a batch whose predictions concentrate on few classes (class-sorted traffic)"
     )
     balance_entropy: float = Field(
-        0.6, ge=0, le=1, description="no step when the entropy of the batch's predicted classes is below this * ln C"
+        0.6,
+        ge=0,
+        le=1,
+        description="no step when the entropy of the batch's predicted classes is below this * ln min(C, batch size)",
     )
     guard_min_batch: bool = Field(True, description="never normalise or step on a batch smaller than min_batch alone")
     min_batch: int = Field(
@@ -211,8 +214,10 @@ class Settings(BaseSettings, ForeignModel):
     def reliable_threshold(self, num_classes: int) -> float:
         return self.reliable_entropy * math.log(num_classes)
 
-    def balance_threshold(self, num_classes: int) -> float:
-        return self.balance_entropy * math.log(num_classes)
+    def balance_threshold(self, num_classes: int, batch_size: int) -> float:
+        # ln min(C, n), the most even histogram n predictions can make: against ln C alone, 64 predictions of 1,000
+        # classes pass 0.6 ln 1000 = 4.14 nats only when all 64 differ (ln 64 = 4.16), about one batch in eight.
+        return self.balance_entropy * math.log(min(num_classes, batch_size))
 
     def guards(self) -> dict[str, bool]:
         return {name: getattr(self, f"guard_{name}") for name in GUARDS}

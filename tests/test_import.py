@@ -6,6 +6,7 @@ where present.
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -20,6 +21,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
+from app.adaptation import norm
+from app.adaptation.engine import AdaptationEngine
 from app.config import DEFAULT_MODEL, Settings
 from app.serving.preprocess import ImageLimits, decode_all, fit
 from models.card import IMAGENET_MEAN, IMAGENET_STD, ForeignModel, ModelError, card_path, card_schema, read_card
@@ -405,3 +408,79 @@ def test_imagenet_resnet50_serves_64_images_within_its_timeout(tmp_path: Path, s
     names = class_names("imagenet")
     card_json = {"input_size": 224, "resize": 256, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     assert_served_as_offline(answer, offline_prediction(model, files, card_json), names)
+
+
+# ----------------------------------------------------------------------------------------------- 1,000 classes
+
+
+class Prototypes(torch.nn.Module):
+    """A 1,000-class model whose prediction is whichever class's prototype an image is closest to: fed images made
+    from prototypes drawn at random, its predictions are i.i.d. over the classes, each confident but not certain
+    (about 0.75), as a trained ImageNet model's are on its own domain."""
+
+    def __init__(self, prototypes: torch.Tensor) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm2d(3)
+        self.head = torch.nn.Linear(prototypes[0].numel(), len(prototypes), bias=False)
+        with torch.no_grad():  # a margin of about 8 nats between the true class and the others
+            self.head.weight.copy_(prototypes.flatten(1) * 8 / prototypes[0].numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x).flatten(1))
+
+
+def test_a_1000_class_model_adapts_on_iid_traffic_with_default_settings() -> None:
+    torch.manual_seed(0)
+    prototypes = torch.randn(1000, 3, 10, 10)
+    engine = AdaptationEngine(Prototypes(prototypes), 1000, Settings(), torch.device("cpu"))
+    for _ in range(12):
+        classes = torch.randint(0, 1000, (64,))
+        logits = engine.step(prototypes[classes] + 0.1 * torch.randn(64, 3, 10, 10)).logits
+        assert (logits.argmax(1) == classes).float().mean() > 0.95
+    assert engine.stats.steps_total == 12, engine.stats.skipped  # every batch, not one in eight
+    assert sum(engine.stats.skipped.values()) == 0 and sum(engine.stats.resets.values()) == 0
+
+
+def test_a_rollback_after_the_statistics_moved_puts_back_exactly_what_the_batch_changed() -> None:
+    """A non-finite gradient comes after the batch has joined the statistics: the rollback restores the rows it
+    changed (saved alone, not a copy of every row), the parameters and the optimiser, bit for bit."""
+    torch.manual_seed(0)
+    prototypes = torch.randn(1000, 3, 10, 10)
+    engine = AdaptationEngine(Prototypes(prototypes), 1000, Settings(), torch.device("cpu"))
+
+    def batch() -> torch.Tensor:
+        return prototypes[torch.randint(0, 1000, (64,))] + 0.1 * torch.randn(64, 3, 10, 10)
+
+    engine.step(batch())
+    before = engine._adaptable_state()
+    engine.params[0].register_hook(lambda grad: grad * float("nan"))
+    engine.step(batch())
+    after = engine._adaptable_state()
+    assert engine.stats.skipped["nonfinite"] == 1 and engine.stats.steps_total == 1
+    assert before["tensors"].keys() == after["tensors"].keys()
+    assert all(torch.equal(before["tensors"][k], after["tensors"][k]) for k in before["tensors"])
+    for saved, restored in zip(
+        before["optimizer"]["state"].values(), after["optimizer"]["state"].values(), strict=True
+    ):
+        assert all(torch.equal(torch.as_tensor(saved[k]), torch.as_tensor(restored[k])) for k in saved)
+
+
+def test_statistics_memory_is_bounded_at_1000_classes_and_not_copied_per_batch() -> None:
+    """ResNet-50 at 1,000 classes: 100 rows of statistics per layer, not 1,000; the rollback point of a batch holds the
+    parameters and the rows the batch changes, not every row."""
+    model = torchvision.models.resnet50(num_classes=1000)
+    engine = AdaptationEngine(model, 1000, Settings(), torch.device("cpu"))
+    layers = [m for m in engine.adapted.modules() if isinstance(m, norm.TestTimeBatchNorm)]
+    live = sum(m.class_mean.nbytes + m.class_sqmean.nbytes for m in layers)
+    assert {len(m.class_mean) for m in layers} == {norm.MAX_STAT_ROWS} and live < 21.5 * 2**20
+    rollback_point = engine._adaptable_state(statistics=False)
+    assert sum(t.nbytes for t in rollback_point["tensors"].values()) < 2**20  # the affine parameters alone
+
+
+def test_balance_threshold_at_10_100_and_1000_classes() -> None:
+    """The class-balance check against ln min(C, n): unchanged at 10 classes, reachable by 64 predictions at 1,000."""
+    settings = Settings()
+    assert settings.balance_threshold(10, 64) == pytest.approx(0.6 * math.log(10))
+    assert (
+        settings.balance_threshold(100, 64) == settings.balance_threshold(1000, 64) == pytest.approx(0.6 * math.log(64))
+    )
