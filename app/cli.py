@@ -9,7 +9,7 @@ from typing import NoReturn
 
 import uvicorn
 from pydantic import ValidationError
-from pydantic_settings import CliSettingsSource
+from pydantic_settings import CliSettingsSource, SettingsError
 from uvicorn.config import LOG_LEVELS
 
 from app.config import Settings, is_loopback
@@ -63,6 +63,8 @@ def serve_settings(args: argparse.Namespace, flags: CliSettingsSource[Settings])
         settings = Settings(_cli_settings_source=flags(parsed_args=args))
     except ValidationError as error:
         refuse(f"invalid configuration: {one_line(error, setting_names)}")
+    except SettingsError as error:  # a variable that is not the JSON its setting needs (TTA_MEAN='[0.5,0.5,0.5]')
+        refuse(f"invalid configuration: {error}")
     if problem := open_admin_problem(settings):
         refuse(problem)
     try:

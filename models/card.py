@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # torchvision's ImageNet normalisation, which most published checkpoints (the third-party CIFAR ResNets too) use.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,6 +88,12 @@ class ForeignModel(BaseModel):
     )
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="per-channel input mean, as 0.5,0.5,0.5")
     std: tuple[float, float, float] = Field(IMAGENET_STD, description="per-channel input std, as 0.25,0.25,0.25")
+
+    @field_validator("arch", "classes", "input_size", "resize", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # docker compose passes `TTA_ARCH: ${TTA_ARCH:-}` as an empty variable when TTA_ARCH is not set
+        return None if value == "" else value
 
 
 def card_path(weights_path: Path) -> Path:

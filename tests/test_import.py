@@ -19,6 +19,7 @@ import httpx
 import pytest
 import torch
 import torchvision
+import yaml
 from safetensors.torch import save_file
 
 from app.adaptation import norm
@@ -484,3 +485,22 @@ def test_balance_threshold_at_10_100_and_1000_classes() -> None:
     assert (
         settings.balance_threshold(100, 64) == settings.balance_threshold(1000, 64) == pytest.approx(0.6 * math.log(64))
     )
+
+
+# ----------------------------------------------------------------------------------------------- the container
+
+
+def test_compose_takes_a_model_directory_and_the_import_variables() -> None:
+    """TTA_MODEL_DIR is mounted read-only at /models, TTA_MODEL names a file in it (the default model by default), and
+    the import variables pass through, empty when unset, which the settings read as unset."""
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    for name in ("tta", "tta-gpu"):
+        service = compose["services"][name]
+        assert "${TTA_MODEL_DIR:-../models/default}:/models:ro" in service["volumes"], name
+        environment = service["environment"]
+        model = re.fullmatch(r"\$\{TTA_MODEL:-/models/(.+)\}", environment["TTA_MODEL"])
+        assert model and (ROOT / "models" / "default" / model.group(1)) == DEFAULT_MODEL, environment["TTA_MODEL"]
+        for variable in ("TTA_ARCH", "TTA_CLASSES", "TTA_INPUT_SIZE", "TTA_RESIZE"):
+            assert environment[variable] == f"${{{variable}:-}}", variable
+    unset = ForeignModel(arch="", classes="", input_size="", resize="")
+    assert (unset.arch, unset.classes, unset.input_size, unset.resize) == (None, None, None, None)
