@@ -128,6 +128,26 @@ async def test_batches_measure_the_throughput_and_the_running_batch_counts_as_ah
     await b.stop(1)
 
 
+async def test_a_batch_running_long_lowers_the_rate_admission_plans_with() -> None:
+    release = asyncio.Event()
+
+    async def model(images: list[torch.Tensor], streams: list[str]) -> str:
+        await release.wait()
+        return "output"
+
+    b = Batcher(model, max_batch_size=8, max_wait_s=0, max_queue_images=1024, max_queue_delay_s=1.0)
+    b.throughput.observe(1000, 1.0)  # measured: 1,000 images/s
+    b.start()
+    running = asyncio.create_task(b.submit(torch.zeros(8, 3, 4, 4), timeout_s=5, stream="default"))
+    await asyncio.sleep(0.5)  # 8 images that should take 8 ms have run for 0.5 s: a stall
+    assert b.images_per_s() == pytest.approx(8 / 0.5, rel=0.3)
+    assert refusal(b, 20).code == "overloaded"  # (8 + 20) / ~16 = ~1.75 s, past the 1 s budget
+    release.set()
+    await running
+    assert b.images_per_s() == b.throughput.images_per_s
+    await b.stop(1)
+
+
 async def test_an_overloaded_server_refuses_before_decoding(model_path: Path) -> None:
     async with in_process_client(model=model_path, max_queue_delay_ms=1000, max_batch_size=8) as (client, app):
         batcher = app.state.service.batcher

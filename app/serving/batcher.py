@@ -90,6 +90,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self.queued_images = 0
         self.computing_images = 0  # in the batch the worker is running
+        self._computing_since: float | None = None  # when that batch's time started counting
         self.throughput = Throughput()
         self._busy_since: float | None = None  # when the last batch ended with work already waiting
         self._arrived = asyncio.Event()
@@ -112,12 +113,21 @@ class Batcher:
             if not pending.future.done():
                 pending.future.set_exception(InputError(503, "shutting_down", "the server is shutting down"))
 
+    def images_per_s(self) -> float | None:
+        """The throughput to plan with: the measured one, or less while the running batch has already taken longer
+        than that allows, so a stall (the worker starved of CPU) tightens admission at once, not when it ends."""
+        rate = self.throughput.images_per_s
+        if rate is None or self._computing_since is None:
+            return rate
+        running_s = time.monotonic() - self._computing_since
+        return min(rate, self.computing_images / running_s) if running_s > 0 else rate
+
     def expected_wait_s(self, count: int) -> float | None:
         """Seconds until `count` more images would be computed: the running batch (whole) and the queue go first.
 
         None while the throughput is unknown. Accurate to about one batch: where the batches fall is not known.
         """
-        rate = self.throughput.images_per_s
+        rate = self.images_per_s()
         if rate is None:
             return None
         return (self.queued_images + self.computing_images + count) / rate
@@ -137,7 +147,7 @@ class Batcher:
         excess = self.queued_images + count - self.max_queue_images
         if excess > 0:
             # room is made at the measured rate; before it is known, retrying soon is all that can be said
-            rate = self.throughput.images_per_s
+            rate = self.images_per_s()
             raise OverloadError(
                 "queue_full",
                 f"the queue holds {self.queued_images} images; retry shortly",
@@ -145,7 +155,7 @@ class Batcher:
             )
 
     def _check_time(self, count: int, within_s: float) -> None:
-        rate = self.throughput.images_per_s
+        rate = self.images_per_s()
         if rate is None or not (self.queued_images or self.computing_images):
             # Before the first batch, the count bound alone. With nothing ahead, the request goes straight into a
             # batch, which measures the throughput afresh: refusing on an old estimate could refuse for ever.
@@ -220,7 +230,7 @@ class Batcher:
         started = dispatched if self._busy_since is None else self._busy_since
         size = sum(len(p.images) for p in batch)
         self.on_batch(size, dispatched - batch[0].enqueued_at)
-        self.computing_images = size
+        self.computing_images, self._computing_since = size, started
         try:
             output = await self._run_batch([p.images for p in batch], [p.stream for p in batch])
         except Exception as error:  # every request of the batch hears about it; the loop goes on
@@ -229,7 +239,7 @@ class Batcher:
                     pending.future.set_exception(error)
             return
         finally:
-            self.computing_images = 0
+            self.computing_images, self._computing_since = 0, None
             ended = time.monotonic()
             self._busy_since = ended if self._queue else None
         self.throughput.observe(size, ended - started)
