@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.adaptation.streams import DEFAULT_STREAM, STREAM_RULE, valid_stream
+from app.adaptation.streams import DEFAULT_STREAM, STREAM_NAME, STREAM_RULE, valid_stream
 from app.api.auth import require_admin, require_api_key, require_stream_access
-from app.api.parsing import parse_feedback, parse_predict
+from app.api.parsing import STREAM_HEADER, parse_feedback, parse_predict
 from app.api.schemas import (
     ERROR_RESPONSES,
     FeedbackItem,
@@ -32,6 +32,16 @@ router = APIRouter()
 # when left blank, and an empty `labels` is refused (422 invalid_labels), so a listed field made the form fail as it
 # stood ("string" pre-filled, or sent empty). Listed as an array of integers, an empty item went out as label 0.
 PREDICT_BODY = {
+    "parameters": [
+        {
+            "name": STREAM_HEADER,
+            "in": "header",
+            "required": False,
+            "description": "the stream (camera, tenant) whose adaptation state serves these images; absent: "
+            f"'default' (or the body's `stream` field). {STREAM_RULE}",
+            "schema": {"type": "string", "pattern": f"^{STREAM_NAME.pattern}$"},
+        }
+    ],
     "requestBody": {
         "required": True,
         "description": "Multipart: one `files` part per image and, optionally, their true class indices for "
