@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
-from app.config import DEFAULT_MODEL
-from models.data import SHARED_DATA, list_members
+from app.config import DEFAULT_MODEL, Settings
+from models.checkpoint import load_checkpoint
+from models.data import SHARED_DATA, list_members, load_zip, normalize
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +61,18 @@ def make_png(width: int = 40, height: int = 30, seed: int = 0, mode: str = "RGB"
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def source(model_path: Path) -> tuple[nn.Module, Settings]:
+    """The default model and the default settings, for engines made in-process."""
+    model, _ = load_checkpoint(model_path)
+    return model, Settings(model=model_path)
+
+
+def shuffled_test_images(model_path: Path, test_zip: Path, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` test images of each class, shuffled with a fixed seed, normalised as the server does; labels."""
+    _, card = load_checkpoint(model_path)
+    data = load_zip(test_zip, limit_per_class=per_class)
+    order = torch.as_tensor(np.random.default_rng(0).permutation(len(data)))
+    return normalize(data.images[order], card.mean, card.std), data.labels[order]

@@ -29,7 +29,7 @@ from app.serving.persistence import (
     model_digest,
 )
 from models.checkpoint import load_checkpoint
-from models.data import load_zip, normalize
+from tests.conftest import shuffled_test_images
 from tests.servers import in_process_client, metric_value, running_server
 from tests.test_docker_static import compose, dockerfile_instructions
 
@@ -37,18 +37,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def source(model_path: Path) -> tuple[nn.Module, Settings]:
-    model, _ = load_checkpoint(model_path)
-    return model, Settings(model=model_path)
-
-
-@pytest.fixture(scope="module")
 def images(model_path: Path, test_zip: Path) -> torch.Tensor:
     """400 test images (40 per class), shuffled with a fixed seed, normalised as the server does."""
-    _, card = load_checkpoint(model_path)
-    data = load_zip(test_zip, limit_per_class=40)
-    order = torch.as_tensor(np.random.default_rng(0).permutation(len(data)))
-    return normalize(data.images[order], card.mean, card.std)
+    return shuffled_test_images(model_path, test_zip, 40)[0]
 
 
 def engine(source: tuple[nn.Module, Settings], **overrides: object) -> AdaptationEngine:

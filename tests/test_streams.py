@@ -12,26 +12,17 @@ from torch import nn
 from app.adaptation.engine import AdaptationEngine
 from app.adaptation.streams import StreamEngines
 from app.config import Settings
-from models.checkpoint import load_checkpoint
-from models.data import load_zip, normalize
+from tests.conftest import shuffled_test_images
 from tests.servers import in_process_client, metric_value
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def source(model_path: Path) -> tuple[nn.Module, Settings]:
-    model, _ = load_checkpoint(model_path)
-    return model, Settings(model=model_path)
-
-
-@pytest.fixture(scope="module")
 def images(model_path: Path, test_zip: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """500 test images (50 per class), shuffled with a fixed seed, normalised as the server does."""
-    _, card = load_checkpoint(model_path)
-    data = load_zip(test_zip, limit_per_class=50)
-    order = torch.as_tensor(np.random.default_rng(0).permutation(len(data)))
-    return normalize(data.images[order], card.mean, card.std), data.labels[order]
+    x, y = shuffled_test_images(model_path, test_zip, 50)
+    return x, y
 
 
 def streams_of(source: tuple[nn.Module, Settings], max_streams: int = 16, **overrides: object) -> StreamEngines:
