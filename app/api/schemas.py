@@ -110,7 +110,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "not accepted (unsupported_image_format)",
         422: "invalid fields (invalid_fields, invalid_labels, label_out_of_range, labels_mismatch, no_images, "
         "files_not_files, duplicate_id)",
-        503: "queue full or shutting down; retry after Retry-After seconds",
+        503: "not admitted: expected past the admission budget (overloaded), queue full (queue_full) or shutting "
+        "down (shutting_down); retry after Retry-After seconds",
         504: "no answer within TTA_REQUEST_TIMEOUT_S",
     }.items()
 }
