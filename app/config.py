@@ -136,6 +136,20 @@ class Settings(BaseSettings, ForeignModel):
         le=4096,
         description="images per entropy step: smaller batches are buffered until this many have been predicted",
     )
+    # Poisoning within a stream (docs/reliability/poisoning.md): 2,000 noise images, or 2,000 of one class, flood
+    # one or a few classes' rows of the class-balanced statistics; the pace holds each row to the others'.
+    guard_class_pace: bool = Field(
+        True,
+        description="an image joins the class-balanced statistics, and the entropy step, only if its predicted "
+        "class's statistics stay within class_pace_margin of the median class's freshness",
+    )
+    class_pace_margin: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="how far one class's statistics may be fresher than the median class's (share of the moments "
+        "brought by the last stats_horizon images)",
+    )
     guard_grad_clip: bool = Field(True, description="clip the gradient norm of the adapted parameters")
     grad_clip_norm: float = Field(1.0, gt=0, description="the norm gradients are clipped to")
     guard_nonfinite: bool = Field(True, description="roll back a step with a non-finite loss, gradient or parameter")
@@ -227,4 +241,15 @@ class Settings(BaseSettings, ForeignModel):
         return self.model_copy(update={f"guard_{name}": False for name in GUARDS})
 
 
-GUARDS = ("reliable", "reweight", "balance", "min_batch", "grad_clip", "nonfinite", "anchor", "collapse", "drift")
+GUARDS = (
+    "reliable",
+    "reweight",
+    "balance",
+    "min_batch",
+    "class_pace",
+    "grad_clip",
+    "nonfinite",
+    "anchor",
+    "collapse",
+    "drift",
+)

@@ -13,7 +13,7 @@ from torch import nn
 
 from app.adaptation import norm
 from app.adaptation.engine import COLLAPSE_WARMUP_STEPS, AdaptationEngine
-from app.adaptation.guards import CollapseMonitor, softmax_entropy
+from app.adaptation.guards import CollapseMonitor, paced_admission, softmax_entropy
 from app.adaptation.streams import StreamEngines
 from app.config import Settings
 from app.serving.worker import ModelWorker
@@ -299,6 +299,111 @@ def test_one_class_stream_moves_only_its_predicted_classes_statistics(source, cl
     for layer, start in zip(layers, source_means, strict=True):
         assert torch.equal(layer.class_mean[never_predicted], start[never_predicted])
     assert any(not torch.equal(layer.class_mean, start) for layer, start in zip(layers, source_means, strict=True))
+
+
+# ----- poisoning within a stream: the class pace -----
+
+
+@pytest.fixture(scope="module")
+def noise_flood(model_path: Path) -> torch.Tensor:
+    """1,024 uniform-noise images (every pixel and channel uniform in 0..255), normalised as the server does."""
+    _, card = load_checkpoint(model_path)
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1024, 3, 32, 32), dtype=np.uint8))
+    return normalize(pixels, card.mean, card.std)
+
+
+@pytest.fixture(scope="module")
+def cat_flood(model_path: Path, shared_data: Path) -> torch.Tensor:
+    """640 cats of the training split (none of them in the test set), normalised as the server does."""
+    _, card = load_checkpoint(model_path)
+    data = load_zip(shared_data / "train.zip", limit_per_class=640)
+    return normalize(data.images[data.labels == 3], card.mean, card.std)
+
+
+def share_of_the_way(e: AdaptationEngine, flood: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Feed `flood` in batches of 64; how far the first layer's class-balanced statistics moved toward the flood's
+    mean moments: per row, and for the mean over rows that normalises (1 = all the way)."""
+    layer = norm.class_statistics(e.adapted)
+    before = layer.class_mean.clone()
+    with torch.no_grad():  # the flood's mean moments at this layer, from a forward pass that commits nothing
+        e.adapted(flood[:256])
+    target, layer._pending = layer._pending[0].mean(0), None
+    for start in range(0, len(flood), 64):
+        e.step(flood[start : start + 64])
+    way = target - before
+    rows = ((layer.class_mean - before) * way).sum(1) / way.square().sum(1)
+    overall = ((layer.class_mean.mean(0) - before.mean(0)) * way[0]).sum() / way[0].square().sum()
+    return rows, float(overall)
+
+
+def test_a_noise_flood_moves_no_class_statistics_beyond_the_pace(source, noise_flood, clean) -> None:
+    """Noise is predicted as three or four classes, and without the pace it takes their rows of the class-balanced
+    statistics over (issue 14: 2,000 noise images cost the next 1,000 normal images 40 points). With it, no row
+    moves more than about the margin (0.05) of the way toward the noise, and normal images after the flood are
+    predicted as well as by a fresh engine."""
+    rows, overall = share_of_the_way(engine(source, guard_class_pace=False), noise_flood)
+    assert rows.max() > 0.5 and overall > 0.2, "without the guard the flood should take rows over"
+    guarded = engine(source)
+    rows, overall = share_of_the_way(guarded, noise_flood)
+    assert rows.max() < 0.1 and overall < 0.05, rows
+    assert guarded.stats.held_back_images > 0.9 * len(noise_flood)
+    x, y = clean
+    assert prequential_accuracy(guarded, x, y, 64) > prequential_accuracy(engine(source), x, y, 64) - 0.02
+
+
+def test_a_flood_of_one_class_moves_its_statistics_only_at_the_pace_of_the_others(source, cat_flood) -> None:
+    """A run of one class moves only its own row, but that row then stands for the run while the others still hold
+    the source's mix: their mean leans toward the run, more images are predicted as other classes, and the drift
+    feeds itself. The pace holds the row to the others' freshness; the re-weighting's class shares and the entropy
+    step see only what was admitted."""
+    rows, _ = share_of_the_way(engine(source, method="norm", guard_class_pace=False), cat_flood)
+    assert rows[3] > 0.5
+    e = engine(source)
+    rows, overall = share_of_the_way(e, cat_flood)
+    assert rows.max() < 0.1 and overall < 0.05, rows
+    assert e.monitor.class_shares()[3] > 0.8, "the flood is predicted as cat"
+    # The re-weighting reads the admitted images' shares (mean probabilities: the admitted are mostly cats predicted
+    # as something else, with some probability of cat still).
+    assert e.monitor.admitted_shares()[3] < 0.5
+    assert e.stats.steps_total == 0
+
+
+def test_the_class_pace_changes_nothing_where_it_holds_nothing_back(source, clean) -> None:
+    """Where no image is held back the engine is exactly the one without the guard, batched and buffered."""
+    x, _ = clean
+    for batch in (64, 16):
+        paced, unpaced = engine(source, class_pace_margin=1.0), engine(source, guard_class_pace=False)
+        for start in range(0, len(x), batch):
+            a, b = paced.step(x[start : start + batch]), unpaced.step(x[start : start + batch])
+            assert torch.equal(a.logits, b.logits)
+        assert paced.stats.held_back_images == 0 and paced.stats.steps_total == unpaced.stats.steps_total > 0
+        for (name, p), q in zip(paced.adapted.named_parameters(), unpaced.adapted.parameters(), strict=True):
+            assert torch.equal(p, q), name
+        for a, b in zip(paced.adapted.modules(), unpaced.adapted.modules(), strict=True):
+            if isinstance(a, norm.TestTimeBatchNorm):
+                assert torch.equal(a.class_mean, b.class_mean) and torch.equal(a.class_sqmean, b.class_sqmean)
+        assert torch.equal(paced.monitor.admitted_shares(), unpaced.monitor.class_shares())
+
+
+def test_paced_admission_holds_a_row_to_the_median_row_plus_the_margin() -> None:
+    momentum, window, margin = 0.1, 1000, 0.15
+    fresh = torch.zeros(4, dtype=torch.float64)
+    balanced = torch.arange(40) % 4
+    admitted, after = paced_admission(fresh, balanced, momentum, window, margin)
+    assert bool(admitted.all()), "rows refreshed in turn are never held back"
+    expected = [0.0] * 4
+    for row in balanced.tolist():
+        expected = [v * (1 - 1 / window) for v in expected]
+        expected[row] = (1 - momentum) * expected[row] + momentum
+    assert torch.allclose(after, torch.tensor(expected, dtype=torch.float64))
+    admitted, after = paced_admission(fresh, torch.zeros(20, dtype=torch.long), momentum, window, margin)
+    assert admitted.tolist() == [True] + [False] * 19, "0.1 joins, 0.19 would pass the median (0) + 0.15"
+    assert after[0] == pytest.approx(0.1 * (1 - 1 / window) ** 19)
+    # Once the others have caught up, the row may move again, as far as the margin above them: 0.19, 0.27, 0.34,
+    # 0.41 join, 0.47 would pass the median (0.30) + 0.15.
+    behind = torch.tensor([0.1, 0.3, 0.3, 0.3], dtype=torch.float64)
+    admitted, _ = paced_admission(behind, torch.zeros(5, dtype=torch.long), momentum, window, margin)
+    assert admitted.tolist() == [True, True, True, True, False]
 
 
 def test_gradient_clipping_bounds_the_step(source, clean) -> None:

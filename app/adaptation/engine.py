@@ -15,10 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.adaptation.guards import CollapseMonitor, predicted_class_entropy, relative_drift, softmax_entropy
+from app.adaptation.guards import (
+    CollapseMonitor,
+    paced_admission,
+    predicted_class_entropy,
+    relative_drift,
+    softmax_entropy,
+)
 from app.adaptation.norm import (
     TestTimeBatchNorm,
     can_mix,
+    class_statistics,
     commit_statistics,
     configure,
     restore_rows,
@@ -28,7 +35,7 @@ from app.adaptation.norm import (
 from app.config import Settings
 
 # Every reason the engine counts, so that each series exists (at 0) before its first event.
-SKIP_REASONS = ("small_batch_buffered", "class_imbalanced", "no_reliable_samples", "nonfinite")
+SKIP_REASONS = ("small_batch_buffered", "class_imbalanced", "class_paced", "no_reliable_samples", "nonfinite")
 RESET_REASONS = ("manual", "drift", "collapse_entropy", "collapse_diversity", "periodic")
 
 # Collapse checks start after this many steps: the entropy EMA needs a few batches to mean anything.
@@ -56,6 +63,7 @@ class EngineStats:
     resets: Counter = field(default_factory=lambda: Counter(dict.fromkeys(RESET_REASONS, 0)))
     last_grad_norm: float | None = None
     drift: float = 0.0
+    held_back_images: int = 0  # images the class pace kept out of the statistics and the entropy step
 
 
 class AdaptationEngine:
@@ -140,7 +148,9 @@ class AdaptationEngine:
     # ----- adaptation -----
 
     def _adapt(self, x: torch.Tensor, logits: torch.Tensor, last_good: dict | None) -> None:
-        """`steps_per_batch` entropy steps; the first reuses the prediction's forward pass."""
+        """`steps_per_batch` entropy steps; the first reuses the prediction's forward pass. Only the images the
+        statistics admitted enter the loss; the class-balance check reads the whole batch."""
+        admitted = self._admitted
         for i in range(self.settings.steps_per_batch):
             if i > 0:
                 set_stats_update(self.adapted, False)  # the batch was already counted in the statistics
@@ -148,27 +158,42 @@ class AdaptationEngine:
                     logits = self.adapted(x)
                 finally:
                     set_stats_update(self.adapted, True)
-            if not self._gradient_step(logits, last_good):
+            if not self._gradient_step(logits, last_good, admitted):
                 return
 
     def _buffer_and_maybe_adapt(self, x: torch.Tensor) -> None:
         self._buffer.append(x)
+        self._buffer_admitted.append((x, self._admitted))
         if sum(len(b) for b in self._buffer) < self.settings.min_batch:
             self.stats.skipped["small_batch_buffered"] += 1
             return
         buffered = torch.cat(self._buffer)
+        admitted = self._buffered_admitted()
         self._buffer.clear()
+        self._buffer_admitted.clear()
         last_good = self._adaptable_state(statistics=False) if self.settings.guard_nonfinite else None
         set_stats_update(self.adapted, False)  # these samples updated the statistics when they were predicted
         try:
             with torch.enable_grad():
                 for _ in range(self.settings.steps_per_batch):
-                    if not self._gradient_step(self.adapted(buffered), last_good):
+                    if not self._gradient_step(self.adapted(buffered), last_good, admitted):
                         break
         finally:
             set_stats_update(self.adapted, True)
 
-    def _gradient_step(self, logits: torch.Tensor, last_good: dict | None) -> bool:
+    def _buffered_admitted(self) -> torch.Tensor | None:
+        """The admitted mask of the buffered images (None: all of them). A buffer restored by `load_state_dict`
+        comes without masks and counts as admitted."""
+        pairs = self._buffer_admitted
+        if len(pairs) != len(self._buffer) or any(x is not b for (x, _), b in zip(pairs, self._buffer, strict=True)):
+            return None
+        if all(mask is None for _, mask in pairs):
+            return None
+        return torch.cat([torch.ones(len(x), dtype=torch.bool, device=x.device) if m is None else m for x, m in pairs])
+
+    def _gradient_step(
+        self, logits: torch.Tensor, last_good: dict | None, admitted: torch.Tensor | None = None
+    ) -> bool:
         if self.settings.guard_balance and predicted_class_entropy(logits) < self.settings.balance_threshold(
             self.num_classes, len(logits)
         ):
@@ -178,6 +203,12 @@ class AdaptationEngine:
             return False
         entropy = softmax_entropy(logits)
         weights = self._class_weights(logits)
+        if admitted is not None:
+            # What the statistics held back (the class pace) does not teach the parameters either.
+            if not bool(admitted.any()):
+                self.stats.skipped["class_paced"] += 1
+                return False
+            entropy, weights = entropy[admitted], weights[admitted]
         if self.settings.guard_reliable:
             reliable = entropy < self.settings.reliable_threshold(self.num_classes)
             if not bool(reliable.any()):
@@ -217,8 +248,9 @@ class AdaptationEngine:
         Entropy minimisation favours whichever class the model already over-predicts: the samples it pushes
         toward that class outnumber the others, so over a long stream one class takes over (DELTA, Zhao et al.
         ICLR 2023). Weighting by the inverse share makes every predicted class count equally in expectation.
+        The shares are those of the images learnt from: a flood the class pace held back does not set them.
         """
-        shares = self.monitor.class_shares() if self.settings.guard_reweight else None
+        shares = self.monitor.admitted_shares() if self.settings.guard_reweight else None
         if shares is None:
             return torch.ones(len(logits), device=logits.device)
         # A floor of a tenth of an even share: a class predicted almost never cannot make one sample the whole loss.
@@ -228,13 +260,24 @@ class AdaptationEngine:
     def _predicted(self, logits: torch.Tensor, last_good: dict | None) -> bool:
         """After the prediction: a finite one lets the batch into the test statistics under its predicted classes;
         a non-finite one means the input or the state holds something non-finite, so roll back."""
+        self._admitted = None
         if last_good is not None and not bool(torch.isfinite(logits).all()):
             self._rollback(last_good)
             return False
         predicted = logits.argmax(1)
         if last_good is not None:  # the rows of the statistics this batch changes, as they were: a rollback's
             last_good["rows"] = statistics_rows(self.adapted, predicted)
-        commit_statistics(self.adapted, predicted)
+        freshness = None
+        layer = class_statistics(self.adapted) if self.settings.guard_class_pace else None
+        if layer is not None and layer._pending is not None:
+            s = self.settings
+            rows = predicted % len(layer.class_mean)
+            admitted, freshness = paced_admission(
+                layer.row_freshness, rows, layer.per_sample_momentum, s.stats_horizon, s.class_pace_margin
+            )
+            self.stats.held_back_images += int((~admitted).sum())
+            self._admitted = None if bool(admitted.all()) else admitted
+        commit_statistics(self.adapted, predicted, self._admitted, freshness)
         return True
 
     # ----- guards -----
@@ -247,7 +290,7 @@ class AdaptationEngine:
         if self.settings.method != "tent":
             return
         s = self.settings
-        self.monitor.observe(logits, softmax_entropy(logits))
+        self.monitor.observe(logits, softmax_entropy(logits), self._admitted)
         self.stats.drift = relative_drift(self.params, self._source_params)
         if s.guard_collapse and self.stats.steps_since_reset >= COLLAPSE_WARMUP_STEPS:
             diversity = self.monitor.diversity()
@@ -264,6 +307,9 @@ class AdaptationEngine:
 
     def _fresh_guard_state(self) -> None:
         self._buffer: list[torch.Tensor] = []
+        # Each buffered batch with the mask of the images the class pace admitted (None: all), for its step.
+        self._buffer_admitted: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._admitted: torch.Tensor | None = None  # of the batch just predicted
         self.monitor = self._new_monitor()
         self.optimizer = self._make_optimizer()
 
@@ -291,6 +337,7 @@ class AdaptationEngine:
             if statistics and isinstance(module, TestTimeBatchNorm):
                 tensors[f"{name}.class_mean"] = module.class_mean.clone()
                 tensors[f"{name}.class_sqmean"] = module.class_sqmean.clone()
+                tensors[f"{name}.row_freshness"] = module.row_freshness.clone()
         optimizer = getattr(self, "optimizer", None)
         return {"tensors": tensors, "optimizer": _clone_optimizer_state(optimizer)}
 
@@ -371,6 +418,7 @@ class AdaptationEngine:
             "prediction_diversity": self.monitor.diversity(),
             "param_drift": self.stats.drift,
             "last_grad_norm": self.stats.last_grad_norm,
+            "held_back_images": self.stats.held_back_images,
             "buffer_fill": sum(len(b) for b in self._buffer),
             "guards": {
                 **s.guards(),
@@ -378,6 +426,7 @@ class AdaptationEngine:
                 "balance_entropy": s.balance_entropy,
                 "min_batch_size": s.min_batch,
                 "stats_horizon": s.stats_horizon,
+                "class_pace_margin": s.class_pace_margin,
                 "grad_clip_norm": s.grad_clip_norm,
                 "anchor_rate": s.anchor_rate,
                 "collapse_entropy": s.collapse_entropy,

@@ -1,4 +1,4 @@
-"""Signals the stability guards decide on: entropy EMA, prediction diversity, parameter drift."""
+"""Signals the stability guards decide on: entropy EMA, prediction diversity, parameter drift, class pace."""
 
 import math
 from collections import deque
@@ -23,9 +23,44 @@ def predicted_class_entropy(logits: torch.Tensor) -> float:
     return distribution_entropy(torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double() / len(logits))
 
 
+def paced_admission(
+    freshness: torch.Tensor, rows: torch.Tensor, momentum: float, window: int, margin: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which images may join the class-balanced statistics (the class-pace guard), and the rows' freshness after.
+
+    A row's freshness is the share of its running moments that the stream's recent images brought: each image of
+    the stream multiplies every row's by 1 - 1/window (window: the statistics' horizon), and an image that joins
+    row j moves it to (1 - momentum) f_j + momentum, as the image moves the row's moments (0 at the start: the
+    source's statistics). An image joins its row only if that leaves the row at most `margin` above the median
+    row (the lower median): no class's statistics are refreshed far ahead of the others'. Class-balanced
+    statistics let a run of one predicted class move only that class's row, but that row then stands for the run
+    while the others still hold the source's mix, so their mean leans toward the run; and images that all land in
+    one or a few rows, such as noise predicted as two or three classes, take those rows over. Balanced traffic
+    refreshes every row at about the same pace and passes; on a flood of one or a few predicted classes the
+    flooded rows take in about `margin` of themselves, whatever the flood's length, while the rest of the stream
+    keeps the others moving. Images are taken in order, so a batch is paced as the same images one by one.
+    """
+    f = freshness.tolist()
+    keep = 1.0 - 1.0 / window
+    middle = (len(f) - 1) // 2
+    admitted = []
+    for row in rows.tolist():
+        f = [value * keep for value in f]
+        joined = (1.0 - momentum) * f[row] + momentum
+        admit = joined <= sorted(f)[middle] + margin
+        if admit:
+            f[row] = joined
+        admitted.append(admit)
+    return (
+        torch.tensor(admitted, dtype=torch.bool, device=rows.device),
+        torch.tensor(f, dtype=freshness.dtype, device=freshness.device),
+    )
+
+
 class CollapseMonitor:
     """Tracks the EMA of the prediction entropy (decay per `decay_images` images) and the entropy of the mean
-    prediction over a window."""
+    prediction over a window; and the mean prediction over a window of the admitted images only (those the
+    adaptation learns from: the class pace can hold some back), whose class shares the re-weighting uses."""
 
     def __init__(self, num_classes: int, ema_decay: float, window: int, decay_images: int) -> None:
         self.num_classes = num_classes
@@ -36,8 +71,12 @@ class CollapseMonitor:
         self._probability_sums: deque[tuple[torch.Tensor, int]] = deque()
         self._window_sum = torch.zeros(num_classes, dtype=torch.float64)
         self._window_count = 0
+        self._admitted_sums: deque[tuple[torch.Tensor, int]] = deque()
+        self._admitted_sum = torch.zeros(num_classes, dtype=torch.float64)
+        self._admitted_count = 0
 
-    def observe(self, logits: torch.Tensor, entropy: torch.Tensor) -> None:
+    def observe(self, logits: torch.Tensor, entropy: torch.Tensor, admitted: torch.Tensor | None = None) -> None:
+        """`admitted`: a mask of the images the adaptation took in (None: all of them)."""
         batch_entropy = float(entropy.mean())
         if self.entropy_ema is None:
             self.entropy_ema = batch_entropy
@@ -47,19 +86,40 @@ class CollapseMonitor:
             decay = self.ema_decay ** (len(logits) / self.decay_images)
             self.entropy_ema = decay * self.entropy_ema + (1 - decay) * batch_entropy
         batch_sum = logits.softmax(1).sum(0).double().cpu()
-        self._probability_sums.append((batch_sum, len(logits)))
-        self._window_sum += batch_sum
-        self._window_count += len(logits)
-        while self._window_count - self._probability_sums[0][1] >= self.window:
-            oldest, count = self._probability_sums.popleft()
-            self._window_sum -= oldest
-            self._window_count -= count
+        self._window_count = self._push(
+            self._probability_sums, self._window_sum, self._window_count, batch_sum, len(logits)
+        )
+        if admitted is None or bool(admitted.all()):  # the same sum, so that both windows agree exactly then
+            admitted_sum, count = batch_sum, len(logits)
+        else:
+            admitted_sum, count = logits[admitted].softmax(1).sum(0).double().cpu(), int(admitted.sum())
+        if count:
+            self._admitted_count = self._push(
+                self._admitted_sums, self._admitted_sum, self._admitted_count, admitted_sum, count
+            )
+
+    def _push(self, sums: deque, total: torch.Tensor, count: int, batch_sum: torch.Tensor, images: int) -> int:
+        """Add a batch's probability sum to a window (in place), drop what falls out of it; the new count."""
+        sums.append((batch_sum, images))
+        total += batch_sum
+        count += images
+        while count - sums[0][1] >= self.window:
+            oldest, oldest_count = sums.popleft()
+            total -= oldest
+            count -= oldest_count
+        return count
 
     def class_shares(self) -> torch.Tensor | None:
         """Mean prediction over the window so far: how often each class is being predicted."""
         if self._window_count == 0:
             return None
         return self._window_sum / self._window_count
+
+    def admitted_shares(self) -> torch.Tensor | None:
+        """Mean prediction over the window of admitted images: how often each class is being learnt from."""
+        if self._admitted_count == 0:
+            return None
+        return self._admitted_sum / self._admitted_count
 
     def diversity(self) -> float | None:
         """Entropy (nats) of the mean prediction, once the window is full."""
@@ -73,26 +133,44 @@ class CollapseMonitor:
         return math.log(self.num_classes)
 
     def state_dict(self) -> dict[str, Any]:
-        """The EMA and the window as they are (the window's sum too: re-adding would round differently)."""
-        sums = [batch_sum for batch_sum, _ in self._probability_sums]
+        """The EMA and the windows as they are (the windows' sums too: re-adding would round differently)."""
         return {
             "entropy_ema": self.entropy_ema,
-            "probability_sums": torch.stack(sums) if sums else torch.zeros(0, self.num_classes, dtype=torch.float64),
-            "counts": [count for _, count in self._probability_sums],
-            "window_sum": self._window_sum.clone(),
-            "window_count": self._window_count,
+            **self._window_state(self._probability_sums, self._window_sum, self._window_count),
+            "admitted": self._window_state(self._admitted_sums, self._admitted_sum, self._admitted_count),
+        }
+
+    def _window_state(self, sums: deque, total: torch.Tensor, count: int) -> dict[str, Any]:
+        stacked = [batch_sum for batch_sum, _ in sums]
+        return {
+            "probability_sums": torch.stack(stacked)
+            if stacked
+            else torch.zeros(0, self.num_classes, dtype=torch.float64),
+            "counts": [images for _, images in sums],
+            "window_sum": total.clone(),
+            "window_count": count,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # A state saved before the admitted window existed: every image was admitted then, so it is the same window.
+        admitted = state.get("admitted", state)
+        everything = self._window_from(state)
+        held = self._window_from(admitted)
+        self.entropy_ema = state["entropy_ema"]
+        self._probability_sums, self._window_sum, self._window_count = everything
+        self._admitted_sums, self._admitted_sum, self._admitted_count = held
+
+    def _window_from(self, state: dict[str, Any]) -> tuple[deque, torch.Tensor, int]:
         sums, counts, window_sum = state["probability_sums"], state["counts"], state["window_sum"]
         if sums.shape != (len(counts), self.num_classes) or window_sum.shape != (self.num_classes,):
             raise ValueError(
                 f"collapse monitor state of shape {tuple(sums.shape)}, the model has {self.num_classes} classes"
             )
-        self.entropy_ema = state["entropy_ema"]
-        self._probability_sums = deque(zip(sums.double().clone().unbind(0), counts, strict=True))
-        self._window_sum = window_sum.double().clone()
-        self._window_count = state["window_count"]
+        return (
+            deque(zip(sums.double().clone().unbind(0), counts, strict=True)),
+            window_sum.double().clone(),
+            state["window_count"],
+        )
 
 
 def relative_drift(params: list[torch.Tensor], source: list[torch.Tensor]) -> float:

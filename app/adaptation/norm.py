@@ -6,7 +6,10 @@ normalisation layers' affine weight and bias are trainable. BatchNorm layers are
 the small-batch guard is on, with class-balanced running test statistics: one running estimate per
 predicted class, averaged with equal weight (RoTTA's category-balanced memory, kept as moments).
 A batch of one image is then never normalised by itself, and a stream that brings hundreds of
-images of one class in a row does not turn the statistics into that class's.
+images of one class in a row does not turn the statistics into that class's. Each row also keeps how
+fresh it is (the share of its moments that the last few thousand images of the stream brought), so
+that the class-pace guard (guards.paced_admission) can keep one row from being refreshed far ahead of
+the others.
 """
 
 import copy
@@ -48,6 +51,8 @@ class TestTimeBatchNorm(nn.Module):
         source_sqmean = (bn.running_var + bn.running_mean.square()).detach().float()
         self.register_buffer("class_mean", source_mean.repeat(rows, 1))
         self.register_buffer("class_sqmean", source_sqmean.repeat(rows, 1))
+        # Per row: the share of its moments brought by the recent stream (0: still the source's); see guards.py.
+        self.register_buffer("row_freshness", torch.zeros(rows, dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.robust:
@@ -75,13 +80,20 @@ class TestTimeBatchNorm(nn.Module):
         return scale, self.bias - mean * scale
 
     @torch.no_grad()
-    def commit(self, predicted: torch.Tensor) -> None:
-        """Average the last forward pass's images into the running moments of the classes they were predicted as."""
+    def commit(
+        self, predicted: torch.Tensor, admitted: torch.Tensor | None = None, freshness: torch.Tensor | None = None
+    ) -> None:
+        """Average the last forward pass's images into the running moments of the classes they were predicted as:
+        all of them, or those `admitted` (a mask); `freshness`, when given, is the rows' freshness after them."""
         if self._pending is None:
             return
         means, sqmeans = self._pending
         self._pending = None
+        if freshness is not None:
+            self.row_freshness.copy_(freshness)
         finite = torch.isfinite(means).all(1) & torch.isfinite(sqmeans).all(1)
+        if admitted is not None:
+            finite &= admitted.to(finite.device)
         predicted = predicted.to(means.device)[finite] % len(self.class_mean)
         counts = torch.bincount(predicted, minlength=len(self.class_mean)).to(means.dtype)
         seen = counts > 0
@@ -147,32 +159,46 @@ def set_stats_update(model: nn.Module, enabled: bool) -> None:
             module.update_stats = enabled
 
 
-StatisticsRows = list[tuple[TestTimeBatchNorm, torch.Tensor, torch.Tensor, torch.Tensor]]
+StatisticsRows = list[tuple[TestTimeBatchNorm, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def statistics_rows(model: nn.Module, predicted: torch.Tensor) -> StatisticsRows:
-    """The rows of the running statistics that committing `predicted` will change, as they are now: what a rollback
-    puts back. Only those rows: the others do not change, and at 1,000 classes all of them are megabytes."""
+    """The rows of the running statistics that committing `predicted` will change, as they are now, and every row's
+    freshness (a few numbers, all of which a commit changes): what a rollback puts back. Only those rows of the
+    moments: the others do not change, and at 1,000 classes all of them are megabytes."""
     saved = []
     for module in model.modules():
         if isinstance(module, TestTimeBatchNorm) and module._pending is not None:
             rows = torch.unique(predicted.to(module.class_mean.device) % len(module.class_mean))
-            saved.append((module, rows, module.class_mean[rows].clone(), module.class_sqmean[rows].clone()))
+            moments = module.class_mean[rows].clone(), module.class_sqmean[rows].clone()
+            saved.append((module, rows, *moments, module.row_freshness.clone()))
     return saved
 
 
 @torch.no_grad()
 def restore_rows(saved: StatisticsRows) -> None:
-    for module, rows, mean, sqmean in saved:
+    for module, rows, mean, sqmean, freshness in saved:
         module.class_mean[rows] = mean
         module.class_sqmean[rows] = sqmean
+        module.row_freshness.copy_(freshness)
 
 
-def commit_statistics(model: nn.Module, predicted: torch.Tensor) -> None:
-    """After a forward pass: its images join the running statistics under their predicted classes."""
+def commit_statistics(
+    model: nn.Module,
+    predicted: torch.Tensor,
+    admitted: torch.Tensor | None = None,
+    freshness: torch.Tensor | None = None,
+) -> None:
+    """After a forward pass: its images (those `admitted`, when given) join the running statistics under their
+    predicted classes."""
     for module in model.modules():
         if isinstance(module, TestTimeBatchNorm):
-            module.commit(predicted)
+            module.commit(predicted, admitted, freshness)
+
+
+def class_statistics(model: nn.Module) -> TestTimeBatchNorm | None:
+    """The first layer with class-balanced statistics (all of them have the same rows and freshness), if any."""
+    return next((m for m in model.modules() if isinstance(m, TestTimeBatchNorm) and m.robust), None)
 
 
 def mixed_forward(models: list[nn.Module], rows: list[list[int]], x: torch.Tensor) -> torch.Tensor:
