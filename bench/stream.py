@@ -374,7 +374,8 @@ def _check_classes(model_classes: list[str], data_classes: list[str]) -> None:
 
 def _adaptation_settings(settings: Any) -> dict[str, Any]:
     serving = {"model", "device", "host", "port", "admin_token", "max_queue_images", "request_timeout_s"}
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.model_dump().items() if k not in serving}
+    # JSON values (paths as strings, tuples as lists), as a saved run holds them, so that the two compare equal
+    return {k: v for k, v in settings.model_dump(mode="json").items() if k not in serving}
 
 
 # ----- over HTTP -----
