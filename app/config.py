@@ -136,12 +136,31 @@ class Settings(BaseSettings, ForeignModel):
         le=4096,
         description="images per entropy step: smaller batches are buffered until this many have been predicted",
     )
-    # Poisoning within a stream (docs/reliability/poisoning.md): 2,000 noise images, or 2,000 of one class, flood
-    # one or a few classes' rows of the class-balanced statistics; the pace holds each row to the others'.
+    # Poisoning within a stream (docs/reliability/poisoning.md): what the class-balanced statistics and the entropy
+    # step admit. Noise far from anything the model was trained on is held back; while one class takes most of the
+    # recent predictions (a flood of one class, or a collapse), no class's statistics may run ahead of the others'.
+    guard_plausible: bool = Field(
+        True,
+        description="an image joins the class-balanced statistics, and the entropy step, only if its features are "
+        "within plausible_distance of the source's",
+    )
+    plausible_distance: float = Field(
+        0.4,
+        gt=0,
+        description="the most an image's mean squared source-normalised feature distance may be (over every channel "
+        "of every BatchNorm layer: (image's channel mean - source mean)^2 / source variance)",
+    )
     guard_class_pace: bool = Field(
         True,
-        description="an image joins the class-balanced statistics, and the entropy step, only if its predicted "
-        "class's statistics stay within class_pace_margin of the median class's freshness",
+        description="while one class takes class_pace_trigger of the recent predictions, an image joins the "
+        "class-balanced statistics, and the entropy step, only if its class's stay within class_pace_margin of "
+        "the median class's freshness",
+    )
+    class_pace_trigger: float = Field(
+        0.67,
+        gt=0,
+        le=1,
+        description="share of the recent predictions (diversity_window) one class must take for the pace to bind",
     )
     class_pace_margin: float = Field(
         0.05,
@@ -246,6 +265,7 @@ GUARDS = (
     "reweight",
     "balance",
     "min_batch",
+    "plausible",
     "class_pace",
     "grad_clip",
     "nonfinite",

@@ -411,9 +411,9 @@ def test_hadolint() -> None:
 
 # The live server: shadow on, so both accuracy series exist; the collapse guard made to trip (any entropy counts as
 # collapsed once the 10-step warm-up is over), with one step per 16-image request (adaptation batch 16) and neither
-# the reliable-sample filter, the class-balance check nor the class pace in the way (random PNGs, the fallback without
-# ../shared, are predicted as few classes), so tta_resets_total{reason="collapse_entropy"} really exists within a few
-# requests;
+# the reliable-sample filter, the class-balance check, the plausibility guard nor the class pace in the way (random
+# PNGs, the fallback without ../shared, are noise predicted as few classes), so tta_resets_total{reason=
+# "collapse_entropy"} really exists within a few requests;
 # a queue bound of 16 images, so one 17-image request gets a real 503 (queue_full).
 LIVE_ENV = {
     "TTA_SHADOW_SOURCE": "true",
@@ -421,6 +421,7 @@ LIVE_ENV = {
     "TTA_MIN_BATCH": "16",
     "TTA_GUARD_RELIABLE": "false",
     "TTA_GUARD_BALANCE": "false",
+    "TTA_GUARD_PLAUSIBLE": "false",
     "TTA_GUARD_CLASS_PACE": "false",
     "TTA_MAX_QUEUE_IMAGES": "16",
 }

@@ -30,13 +30,15 @@ from app.adaptation.norm import (
     configure,
     restore_rows,
     set_stats_update,
+    source_distance,
     statistics_rows,
 )
 from app.config import Settings
 
 # Every reason the engine counts, so that each series exists (at 0) before its first event.
-SKIP_REASONS = ("small_batch_buffered", "class_imbalanced", "class_paced", "no_reliable_samples", "nonfinite")
+SKIP_REASONS = ("small_batch_buffered", "class_imbalanced", "held_back", "no_reliable_samples", "nonfinite")
 RESET_REASONS = ("manual", "drift", "collapse_entropy", "collapse_diversity", "periodic")
+HELD_BACK_REASONS = ("implausible", "class_pace")  # images kept out of the statistics and the entropy step
 
 # Collapse checks start after this many steps: the entropy EMA needs a few batches to mean anything.
 COLLAPSE_WARMUP_STEPS = 10
@@ -63,7 +65,7 @@ class EngineStats:
     resets: Counter = field(default_factory=lambda: Counter(dict.fromkeys(RESET_REASONS, 0)))
     last_grad_norm: float | None = None
     drift: float = 0.0
-    held_back_images: int = 0  # images the class pace kept out of the statistics and the entropy step
+    held_back: Counter = field(default_factory=lambda: Counter(dict.fromkeys(HELD_BACK_REASONS, 0)))
 
 
 class AdaptationEngine:
@@ -106,7 +108,8 @@ class AdaptationEngine:
         last_good = self._adaptable_state(statistics=False) if self.settings.guard_nonfinite else None
         if self.settings.method == "norm":
             logits = self._forward_without_grad(x, predicted)
-            self._predicted(logits, last_good)
+            if self._predicted(logits, last_good):  # the recent predictions, which the class pace reads
+                self.monitor.observe(logits, softmax_entropy(logits), self._admitted)
             return StepResult(logits, shadow, self.stats.steps_since_reset)
 
         small = self.settings.guard_min_batch and len(x) < self.settings.min_batch
@@ -204,9 +207,9 @@ class AdaptationEngine:
         entropy = softmax_entropy(logits)
         weights = self._class_weights(logits)
         if admitted is not None:
-            # What the statistics held back (the class pace) does not teach the parameters either.
+            # What the statistics held back (implausible, or paced) does not teach the parameters either.
             if not bool(admitted.any()):
-                self.stats.skipped["class_paced"] += 1
+                self.stats.skipped["held_back"] += 1
                 return False
             entropy, weights = entropy[admitted], weights[admitted]
         if self.settings.guard_reliable:
@@ -267,18 +270,34 @@ class AdaptationEngine:
         predicted = logits.argmax(1)
         if last_good is not None:  # the rows of the statistics this batch changes, as they were: a rollback's
             last_good["rows"] = statistics_rows(self.adapted, predicted)
-        freshness = None
-        layer = class_statistics(self.adapted) if self.settings.guard_class_pace else None
-        if layer is not None and layer._pending is not None:
-            s = self.settings
-            rows = predicted % len(layer.class_mean)
-            admitted, freshness = paced_admission(
-                layer.row_freshness, rows, layer.per_sample_momentum, s.stats_horizon, s.class_pace_margin
-            )
-            self.stats.held_back_images += int((~admitted).sum())
-            self._admitted = None if bool(admitted.all()) else admitted
+        self._admitted, freshness = self._admission(logits, predicted)
         commit_statistics(self.adapted, predicted, self._admitted, freshness)
         return True
+
+    def _admission(
+        self, logits: torch.Tensor, predicted: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Which of the batch's images the class-balanced statistics, and then the entropy step, take in (None: all
+        of them), and the rows' freshness after them (None: not tracked, the class pace is off)."""
+        s = self.settings
+        layer = class_statistics(self.adapted)
+        if layer is None or layer._pending is None or not (s.guard_plausible or s.guard_class_pace):
+            return None, None
+        admitted = torch.ones(len(predicted), dtype=torch.bool, device=predicted.device)
+        if s.guard_plausible:
+            # Features far from anything the model was trained on (noise): not a domain to adapt to.
+            admitted = source_distance(self.adapted).to(predicted.device) <= s.plausible_distance
+            self.stats.held_back["implausible"] += int((~admitted).sum())
+        freshness = None
+        if s.guard_class_pace:
+            shares = self.monitor.class_shares_with(logits)
+            binding = float(shares.max()) >= s.class_pace_trigger
+            rows = predicted % len(layer.class_mean)
+            momentum, window, margin = layer.per_sample_momentum, s.stats_horizon, s.class_pace_margin
+            paced, freshness = paced_admission(layer.row_freshness, rows, admitted, momentum, window, margin, binding)
+            self.stats.held_back["class_pace"] += int((admitted & ~paced).sum())
+            admitted = paced
+        return (None if bool(admitted.all()) else admitted), freshness
 
     # ----- guards -----
 
@@ -418,7 +437,7 @@ class AdaptationEngine:
             "prediction_diversity": self.monitor.diversity(),
             "param_drift": self.stats.drift,
             "last_grad_norm": self.stats.last_grad_norm,
-            "held_back_images": self.stats.held_back_images,
+            "held_back": dict(self.stats.held_back),
             "buffer_fill": sum(len(b) for b in self._buffer),
             "guards": {
                 **s.guards(),
@@ -426,6 +445,8 @@ class AdaptationEngine:
                 "balance_entropy": s.balance_entropy,
                 "min_batch_size": s.min_batch,
                 "stats_horizon": s.stats_horizon,
+                "plausible_distance": s.plausible_distance,
+                "class_pace_trigger": s.class_pace_trigger,
                 "class_pace_margin": s.class_pace_margin,
                 "grad_clip_norm": s.grad_clip_norm,
                 "anchor_rate": s.anchor_rate,

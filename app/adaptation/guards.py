@@ -24,30 +24,36 @@ def predicted_class_entropy(logits: torch.Tensor) -> float:
 
 
 def paced_admission(
-    freshness: torch.Tensor, rows: torch.Tensor, momentum: float, window: int, margin: float
+    freshness: torch.Tensor,
+    rows: torch.Tensor,
+    candidates: torch.Tensor,
+    momentum: float,
+    window: int,
+    margin: float,
+    binding: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which images may join the class-balanced statistics (the class-pace guard), and the rows' freshness after.
+    """Which of the `candidates` (a mask) join the class-balanced statistics (the class-pace guard), and the rows'
+    freshness after them.
 
     A row's freshness is the share of its running moments that the stream's recent images brought: each image of
     the stream multiplies every row's by 1 - 1/window (window: the statistics' horizon), and an image that joins
     row j moves it to (1 - momentum) f_j + momentum, as the image moves the row's moments (0 at the start: the
-    source's statistics). An image joins its row only if that leaves the row at most `margin` above the median
-    row (the lower median): no class's statistics are refreshed far ahead of the others'. Class-balanced
-    statistics let a run of one predicted class move only that class's row, but that row then stands for the run
-    while the others still hold the source's mix, so their mean leans toward the run; and images that all land in
-    one or a few rows, such as noise predicted as two or three classes, take those rows over. Balanced traffic
-    refreshes every row at about the same pace and passes; on a flood of one or a few predicted classes the
-    flooded rows take in about `margin` of themselves, whatever the flood's length, while the rest of the stream
-    keeps the others moving. Images are taken in order, so a batch is paced as the same images one by one.
+    source's statistics). While the pace is `binding` (the engine makes it so while one class takes most of the
+    recent predictions), an image joins its row only if that leaves the row at most `margin` above the median row
+    (the lower median). Class-balanced statistics let a run of one predicted class move only that class's row, but
+    that row then stands for the run while the others still hold the source's mix, so their mean leans toward the
+    run, more of the run is predicted as other classes and joins their rows, and the drift feeds itself. Held to
+    the median, the run's row takes in about `margin` of itself whatever the run's length. Images are taken in
+    order, so a batch is paced as the same images one by one; freshness is kept whether binding or not.
     """
     f = freshness.tolist()
     keep = 1.0 - 1.0 / window
     middle = (len(f) - 1) // 2
     admitted = []
-    for row in rows.tolist():
+    for row, candidate in zip(rows.tolist(), candidates.tolist(), strict=True):
         f = [value * keep for value in f]
         joined = (1.0 - momentum) * f[row] + momentum
-        admit = joined <= sorted(f)[middle] + margin
+        admit = candidate and (not binding or joined <= sorted(f)[middle] + margin)
         if admit:
             f[row] = joined
         admitted.append(admit)
@@ -114,6 +120,11 @@ class CollapseMonitor:
         if self._window_count == 0:
             return None
         return self._window_sum / self._window_count
+
+    def class_shares_with(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean prediction over the window and a batch not yet observed: how often each class is predicted lately."""
+        batch_sum = logits.detach().softmax(1).sum(0).double().cpu()
+        return (self._window_sum + batch_sum) / (self._window_count + len(logits))
 
     def admitted_shares(self) -> torch.Tensor | None:
         """Mean prediction over the window of admitted images: how often each class is being learnt from."""

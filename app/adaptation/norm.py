@@ -9,7 +9,8 @@ A batch of one image is then never normalised by itself, and a stream that bring
 images of one class in a row does not turn the statistics into that class's. Each row also keeps how
 fresh it is (the share of its moments that the last few thousand images of the stream brought), so
 that the class-pace guard (guards.paced_admission) can keep one row from being refreshed far ahead of
-the others.
+the others; and each layer keeps the source's statistics, against which the plausibility guard
+measures how far an image's features are from anything the model was trained on.
 """
 
 import copy
@@ -53,6 +54,9 @@ class TestTimeBatchNorm(nn.Module):
         self.register_buffer("class_sqmean", source_sqmean.repeat(rows, 1))
         # Per row: the share of its moments brought by the recent stream (0: still the source's); see guards.py.
         self.register_buffer("row_freshness", torch.zeros(rows, dtype=torch.float64))
+        # The source's statistics, constant (not state): what the plausibility guard measures an image against.
+        self.register_buffer("source_mean", source_mean.clone(), persistent=False)
+        self.register_buffer("source_var", bn.running_var.detach().float().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.robust:
@@ -78,6 +82,14 @@ class TestTimeBatchNorm(nn.Module):
         var = (self.class_sqmean.mean(0) - mean.square()).clamp_min(0.0)
         scale = self.weight / torch.sqrt(var + self.eps)
         return scale, self.bias - mean * scale
+
+    @torch.no_grad()
+    def source_distance(self) -> torch.Tensor | None:
+        """Per image of the last forward pass: the sum over channels of (its mean - the source's mean)^2 / the
+        source's variance, the squared distance of its features from the source's in the source's own units."""
+        if self._pending is None:
+            return None
+        return ((self._pending[0] - self.source_mean).square() / (self.source_var + self.eps)).sum(1)
 
     @torch.no_grad()
     def commit(
@@ -194,6 +206,17 @@ def commit_statistics(
     for module in model.modules():
         if isinstance(module, TestTimeBatchNorm):
             module.commit(predicted, admitted, freshness)
+
+
+def source_distance(model: nn.Module) -> torch.Tensor | None:
+    """Per image of the last forward pass: the mean over every channel of every class-balanced layer of its
+    source-normalised squared distance (`TestTimeBatchNorm.source_distance`); None without such layers."""
+    sums, channels = None, 0
+    for module in model.modules():
+        if isinstance(module, TestTimeBatchNorm) and (distance := module.source_distance()) is not None:
+            sums = distance if sums is None else sums + distance
+            channels += module.class_mean.shape[1]
+    return None if sums is None else sums / channels
 
 
 def class_statistics(model: nn.Module) -> TestTimeBatchNorm | None:
