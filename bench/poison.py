@@ -161,7 +161,9 @@ def render(results: dict[str, dict[bool, Result]], args: argparse.Namespace, set
         "| vs fresh | held back |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    # The floods (uniform noise, what it posted, and one class) and the other noise kinds, summed up apart.
     worst = {False: 0.0, True: 0.0}
+    others = {False: 0.0, True: 0.0}
     for name, by_guard in results.items():
         cells = []
         for guarded in (False, True):
@@ -171,14 +173,16 @@ def render(results: dict[str, dict[bool, Result]], args: argparse.Namespace, set
             r = by_guard[guarded]
             delta = r.all - fresh[guarded].all
             if name != "fresh":
-                worst[guarded] = min(worst[guarded], delta)
+                bucket = worst if name == "noise: uniform" or name.startswith("one class") else others
+                bucket[guarded] = min(bucket[guarded], delta)
             cells += [f"{r.first:.1f}", f"{r.all:.1f}", "" if name == "fresh" else f"{delta:+.1f}"]
         cells.append(f"{by_guard[True].implausible:,} / {by_guard[True].paced:,}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Worst difference from fresh over all floods: {worst[False]:+.1f} points without the guards, "
-        f"{worst[True]:+.1f} with them. Settings: the defaults (plausible distance {settings.plausible_distance}, "
+        f"Worst difference from fresh, uniform noise and one class: {worst[False]:+.1f} points without the guards, "
+        f"{worst[True]:+.1f} with them; the other noise: {others[False]:+.1f} and {others[True]:+.1f}. "
+        f"Settings: the defaults (plausible distance {settings.plausible_distance}, "
         f"class pace trigger {settings.class_pace_trigger} and margin {settings.class_pace_margin}, statistics "
         f"horizon {settings.stats_horizon}); {args.threads} torch thread(s), CPU, torch "
         f"{torch.__version__}, Python {platform.python_version()}; {wall_s:.0f} s.",
