@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: serve test lint install prometheus chromium docker-test docker-lock
+.PHONY: serve test test-ray lint install prometheus chromium docker-test docker-lock
 
 # The integration tests run a real Prometheus server (Debian package `prometheus`, which brings promtool).
 # Installed here when missing and apt-get can be used; elsewhere those tests skip and say why.
@@ -37,6 +37,11 @@ serve: $(STAMP)
 test: $(STAMP) prometheus chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Scale out on Ray Serve: a local Ray cluster, 2 replicas (tests/test_ray_scale.py, ~2 min); installs the .[ray] extra.
+test-ray: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,ray]'
+	$(BIN)/python -m pytest -m ray
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

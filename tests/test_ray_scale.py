@@ -1,0 +1,151 @@
+"""Scale out on Ray Serve (app/ray_app.py): a real local Ray cluster on loopback, 2 replicas, 8 streams of real
+CIFAR-10 test JPEGs. Slow (Ray's start and two replicas loading torch: about a minute): marked `ray`, left out of
+`make test`, run by `make test-ray` (which installs the `.[ray]` extra)."""
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from app.config import Settings
+from tests.servers import free_port, in_process_client, metric_value
+
+pytestmark = pytest.mark.ray
+
+STREAMS = [f"cam-{i}" for i in range(8)]
+REQUESTS, IMAGES = 4, 8  # per stream; the last request's labels come later, through /feedback
+# min_batch = a request's images: each stream's share of a batch then steps on its own (no forward pass shared
+# with other streams' buffered images, which is exact only to 1e-5), and 8 streams x 8 images fit one batch of 64,
+# so no request is split: the replicas' batches compute exactly what a server fed one stream alone computes.
+SETTINGS = {"min_batch": IMAGES, "max_batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def cluster(model_path: Path) -> Iterator[str]:
+    """The Ray Serve application on a local cluster of 2 CPUs (one per replica); yields its base URL."""
+    ray = pytest.importorskip("ray", reason="Ray Serve is not installed: pip install -e '.[ray]' (make test-ray)")
+    from ray import serve
+
+    from app.ray_app import build
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build(Settings(model=model_path, **SETTINGS), replicas=2), name="tta", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def stream_requests(jpeg_images: list[tuple[str, bytes, int]]) -> dict[str, list[list[tuple[bytes, int]]]]:
+    """Each stream's requests: the real test JPEGs in an order of its own."""
+    plan = {}
+    for seed, stream in enumerate(STREAMS):
+        order = np.random.default_rng(seed).permutation(len(jpeg_images))[: REQUESTS * IMAGES]
+        picked = [(jpeg_images[i][1], jpeg_images[i][2]) for i in order]
+        plan[stream] = [picked[r * IMAGES : (r + 1) * IMAGES] for r in range(REQUESTS)]
+    return plan
+
+
+async def feed(client: httpx.AsyncClient, stream: str, requests: list[list[tuple[bytes, int]]]) -> list[httpx.Response]:
+    """One stream's requests one after the other (labels with all but the last)."""
+    answers = []
+    for r, images in enumerate(requests):
+        data = {"labels": ",".join(str(label) for _, label in images)} if r < len(requests) - 1 else {}
+        files = [("files", (f"{i}.jpg", io.BytesIO(jpeg), "image/jpeg")) for i, (jpeg, _) in enumerate(images)]
+        answer = await client.post("/predict", files=files, data=data, headers={"X-TTA-Stream": stream})
+        assert answer.status_code == 200, answer.text
+        answers.append(answer)
+    return answers
+
+
+def without_ids(answer: httpx.Response) -> dict:
+    content = answer.json()
+    for prediction in content["predictions"]:
+        del prediction["id"]
+    return content
+
+
+def test_streams_stay_on_their_replica_and_predict_as_one_server(
+    cluster: str, model_path: Path, jpeg_images: list[tuple[str, bytes, int]]
+) -> None:
+    torch.set_num_threads(1)  # as each replica runs (Ray gives a 1-CPU actor one thread): the same float sums
+    plan = stream_requests(jpeg_images)
+
+    async def through_ray() -> dict[str, list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=cluster, timeout=120) as client:
+            answers = await asyncio.gather(*(feed(client, s, plan[s]) for s in STREAMS))  # the streams at once
+            late = [
+                {"id": p["id"], "label": label}
+                for s, stream_answers in zip(STREAMS, answers, strict=True)
+                for p, (_, label) in zip(stream_answers[-1].json()["predictions"], plan[s][-1], strict=True)
+            ]
+            feedback = await client.post("/feedback", json=late)
+            assert feedback.status_code == 200, feedback.text
+            assert feedback.json()["labelled"] == len(STREAMS) * IMAGES
+            return dict(zip(STREAMS, answers, strict=True))
+
+    async def alone() -> dict[str, list[httpx.Response]]:
+        """The single server, in-process, fed each stream by itself."""
+        async with in_process_client(model=model_path, **SETTINGS) as (client, _):
+            return {s: await feed(client, s, plan[s]) for s in STREAMS}
+
+    served, expected = asyncio.run(through_ray()), asyncio.run(alone())
+    for stream in STREAMS:
+        assert [without_ids(a) for a in served[stream]] == [without_ids(a) for a in expected[stream]], stream
+    replica_of = {s: {a.headers["x-tta-replica"] for a in served[s]} for s in STREAMS}
+    assert all(len(replicas) == 1 for replicas in replica_of.values()), replica_of
+
+    # Every stream in one replica's own table only, with all its labels (the late ones reached it too).
+    listed = httpx.get(f"{cluster}/v1/streams", timeout=30).json()["streams"]
+    for stream in STREAMS:
+        entries = [entry for entry in listed if entry["stream"] == stream]
+        assert [entry["replica"] for entry in entries] == list(replica_of[stream]), (stream, entries)
+        assert entries[0]["prequential"]["adapted"]["labels"] == REQUESTS * IMAGES
+        assert entries[0]["steps_total"] == REQUESTS
+
+    # A reset of one stream reaches its replica and no other stream.
+    reset = httpx.post(f"{cluster}/reset", params={"stream": "cam-3"}, timeout=30)
+    assert reset.status_code == 200 and reset.json()["streams"] == ["cam-3"], reset.text
+    assert reset.headers["x-tta-replica"] == next(iter(replica_of["cam-3"]))
+    after = {e["stream"]: e for e in httpx.get(f"{cluster}/v1/streams", timeout=30).json()["streams"]}
+    assert after["cam-3"]["steps_since_reset"] == 0 and after["cam-3"]["resets"].get("manual") == 1
+    others = [after[s] for s in STREAMS if s != "cam-3"]
+    assert all(e["steps_since_reset"] == REQUESTS and not any(e["resets"].values()) for e in others), others
+
+    # The aggregated status adds up: over the replicas' own statuses, and to what was sent.
+    status = httpx.get(f"{cluster}/v1/status", timeout=30).json()
+    replicas = status["replicas"]
+    assert status["routing"]["replicas"] == len(replicas) == 2
+    assert status["adaptation"]["steps_total"] == sum(r["adaptation"]["steps_total"] for r in replicas.values())
+    assert status["adaptation"]["steps_total"] == len(STREAMS) * REQUESTS
+    assert {reason: n for reason, n in status["adaptation"]["resets"].items() if n} == {"manual": 1}
+    assert status["prequential"]["adapted"]["labels"] == len(STREAMS) * REQUESTS * IMAGES
+    assert status["adaptation"]["streams"]["active"] == sum(
+        r["adaptation"]["streams"]["active"] for r in replicas.values()
+    )
+    assert status["routing"]["stream_moves"] == 0
+
+    # /metrics: every replica's series, labelled with it, summing to what was sent.
+    exposition = httpx.get(f"{cluster}/metrics", timeout=30).text
+    predicted = sum(metric_value(exposition, "tta_predictions_total", f'replica="{r}"') for r in replicas)
+    assert predicted == len(STREAMS) * REQUESTS * IMAGES
+
+    # A reset without ?stream reaches every replica.
+    everything = httpx.post(f"{cluster}/reset", timeout=30)
+    assert everything.status_code == 200 and set(STREAMS) <= set(everything.json()["streams"]), everything.text
+    assert httpx.get(f"{cluster}/v1/status", timeout=30).json()["adaptation"]["resets"]["manual"] == 1 + len(
+        listed
+    )  # every stream each replica holds (its `default` too), once, plus cam-3's first reset
+
+
+def test_feedback_with_an_id_of_no_stream_is_the_servers_404(cluster: str) -> None:
+    answer = httpx.post(f"{cluster}/feedback", json={"id": "0123456789abcdef", "label": 1}, timeout=30)
+    assert answer.status_code == 404 and answer.json()["error"] == "unknown_prediction", answer.text
