@@ -16,7 +16,21 @@ matplotlib.use("Agg")  # files only, never a display: this runs on servers and i
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
-COLORS = {"none": "tab:gray", "norm": "tab:blue", "tent-faithful": "tab:red", "default": "tab:green"}
+COLORS = {
+    "none": "tab:gray",
+    "norm": "tab:blue",
+    "tent-faithful": "tab:red",
+    "default": "tab:green",
+    # the published methods (bench/peers/anchors.py)
+    "bn-anchor": "tab:cyan",
+    "tent-anchor": "tab:pink",
+    "eata": "tab:orange",
+    "sar": "tab:olive",
+    "roid": "tab:purple",
+    "rotta": "tab:brown",
+    "lame": "gold",
+    "cotta": "black",
+}
 
 
 def moving_error(correct: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +71,7 @@ def plot_stream(records: list[dict[str, Any]], path: Path, window: int, title: s
         "reset": "engine reset at every boundary",
         "mixed": "all corruptions interleaved",
         "correlated": "classes in Dirichlet(0.1) bursts",
+        "recurring": "domains of random lengths that come back",
     }.get(records[0]["scenario"], "no reset")
     ax.set_title(f"Prequential error along the stream: {title} ({note}; \u25bc = guard reset)")
     ax.grid(alpha=0.3)

@@ -9,7 +9,11 @@ Scenarios (CIFAR-10-C at one severity, 5 by default):
 - continual:  the 15 corruptions one after another in the standard order, never reset (CoTTA's protocol);
 - correlated: continual, but within each corruption the classes come in bursts drawn from a Dirichlet
               process with gamma 0.1 (RoTTA's non-i.i.d. sampler);
-- mixed:      all corruptions shuffled together into one stream.
+- mixed:      all corruptions shuffled together into one stream;
+- recurring:  domains of random lengths (200 to 5,000 images, uniform) that come back: every corruption twice, in
+              a random order with no domain twice in a row, drawn from --seed. Each visit takes the domain's next
+              images, classes balanced (within one image), from a per-class queue over the pool, so a domain seen
+              before comes back with other images until its pool is used up (then the queue starts over).
 
 Two modes that must agree:
 
@@ -54,17 +58,23 @@ import torch
 
 from bench.corruptions import CORRUPTIONS, DEFAULT_DATA
 from bench.corruptions import main as generate_corruptions
+from bench.peers.anchors import ANCHOR_METHODS, anchor_available, anchor_settings, run_anchor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO_ROOT / "bench" / "cache"
 DEFAULT_RESULTS = REPO_ROOT / "bench" / "results"
 DEFAULT_MODEL = REPO_ROOT / "models" / "default" / "cifar10_resnet20.safetensors"
 
+NUM_CLASSES = 10  # CIFAR-10
 PROFILES: dict[str, int | None] = {"quick": 50, "full": None}  # images per class and corruption (None: all)
-SCENARIOS = ("reset", "continual", "correlated", "mixed")
+SCENARIOS = ("reset", "continual", "correlated", "mixed", "recurring")
+DEFAULT_SCENARIOS = SCENARIOS[:4]  # recurring is long (about 78,000 images): asked for by name
+RECURRING_LENGTHS = (200, 5_000)  # the recurring stream's domain lengths, drawn uniformly (inclusive)
+RECURRING_VISITS = 2  # each domain comes this many times
 METHODS = ("none", "norm", "tent-faithful", "default")
 DIRICHLET_GAMMA = 0.1  # RoTTA's setting for CIFAR
 STORED_WINDOW = 500  # images per entry of a run's stored error sequence
+SWITCH_WINDOW = 500  # "after a switch": the first this many images of each domain
 SCENARIO_RESET = "domain"  # the reason recorded for the resets the `reset` scenario itself makes
 CORRUPTION_SEED = 0  # bench.corruptions' default; part of each cached zip's comment
 
@@ -228,6 +238,47 @@ def dirichlet_order(labels: np.ndarray, gamma: float, rng: np.random.Generator) 
     return np.concatenate(order).astype(np.int64)
 
 
+def recurring_plan(domains: int, seed: int) -> list[tuple[int, int]]:
+    """(domain, length) of each segment of the recurring stream: every domain RECURRING_VISITS times, shuffled
+    until no domain follows itself, lengths uniform in RECURRING_LENGTHS; both drawn from the seed."""
+    rng = np.random.default_rng([seed, 3_000])
+    visits = np.repeat(np.arange(domains), RECURRING_VISITS)
+    for _ in range(10_000):
+        order = rng.permutation(visits)
+        if domains == 1 or not (np.diff(order) == 0).any():
+            break
+    else:  # unreachable for 2+ domains in practice; stated rather than looped forever
+        raise RuntimeError("could not order the recurring domains without a repeat")
+    lengths = rng.integers(RECURRING_LENGTHS[0], RECURRING_LENGTHS[1] + 1, size=len(order))
+    return [(int(d), int(n)) for d, n in zip(order, lengths, strict=True)]
+
+
+def recurring_order(pool: Pool, plan: list[tuple[int, int]], seed: int) -> np.ndarray:
+    """Pool indexes for the plan: each segment takes length // C images of every class, the remainder from as
+    many randomly chosen classes, each class's images from its own shuffled queue for that domain (consumed in
+    order across visits, starting over when used up); the segment is then shuffled."""
+    rng = np.random.default_rng([seed, 3_001])
+    classes = np.unique(pool.labels)
+    queues = {
+        (d, c): rng.permutation(np.flatnonzero((pool.domain == d) & (pool.labels == c)))
+        for d in range(len(pool.names))
+        for c in classes
+    }
+    taken: Counter = Counter()
+    parts = []
+    for domain, length in plan:
+        counts = np.full(len(classes), length // len(classes))
+        counts[rng.choice(len(classes), length % len(classes), replace=False)] += 1
+        segment = []
+        for c, count in zip(classes, counts, strict=True):
+            queue = queues[(domain, c)]
+            positions = (taken[(domain, c)] + np.arange(count)) % len(queue)
+            segment.append(queue[positions])
+            taken[(domain, c)] += count
+        parts.append(rng.permutation(np.concatenate(segment)))
+    return np.concatenate(parts).astype(np.int64)
+
+
 def build_stream(scenario: str, pool: Pool, seed: int) -> Stream:
     """The scenario's order over the pool; each domain's order depends only on (seed, domain), not on the others,
     so `reset` and `continual` see exactly the same images in the same order and differ only in the resets."""
@@ -235,6 +286,9 @@ def build_stream(scenario: str, pool: Pool, seed: int) -> Stream:
         raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
     if scenario == "mixed":
         order = np.random.default_rng([seed, 1_000]).permutation(len(pool.labels))
+        return Stream(scenario, pool, order, [(0, len(order))])
+    if scenario == "recurring":
+        order = recurring_order(pool, recurring_plan(len(pool.names), seed), seed)
         return Stream(scenario, pool, order, [(0, len(order))])
     parts = []
     for d in range(len(pool.names)):
@@ -589,6 +643,22 @@ def record_predictions(record: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(record["predictions_u8"]), dtype=np.uint8)[: record["images"]].astype(int)
 
 
+def switch_errors(record: dict[str, Any], window: int = SWITCH_WINDOW) -> tuple[float | None, float | None]:
+    """Error % on the first `window` images of each domain (the stream's start counts: it switches from the
+    source) and on the rest of it, each a mean over domains; None where there is none (mixed: no domains in
+    order; rest: domains of `window` images or fewer)."""
+    if not record.get("boundaries"):
+        return None, None
+    correct = correct_sequence(record)
+    starts = [int(b[0]) for b in record["boundaries"]] + [len(correct)]
+    first, rest = [], []
+    for start, end in zip(starts[:-1], starts[1:], strict=True):
+        first.append(1 - correct[start : min(start + window, end)].mean())
+        if end - start > window:
+            rest.append(1 - correct[start + window : end].mean())
+    return 100 * float(np.mean(first)), (100 * float(np.mean(rest)) if rest else None)
+
+
 def run_path(results_dir: Path, scenario: str, method: str, batch_size: int) -> Path:
     return results_dir / "runs" / f"{scenario}-b{batch_size}-{method}.json"
 
@@ -619,8 +689,10 @@ def file_sha256(path: Path) -> str:
 
 
 def _method_rank(method: str) -> tuple[int, str]:
+    """Ours in METHODS order, then the anchors in ANCHOR_METHODS order, then anything else."""
+    ranked = [*METHODS, *ANCHOR_METHODS]
     bare = method.removeprefix("http-")
-    return (METHODS.index(bare) if bare in METHODS else len(METHODS), method)
+    return (ranked.index(bare) if bare in ranked else len(ranked), method)
 
 
 def _grouped(records: list[dict[str, Any]]) -> list[tuple[tuple[str, int], list[dict[str, Any]]]]:
@@ -649,33 +721,40 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
             "",
             "| method | "
             + " | ".join(SHORT_NAMES.get(n, n) for n in names)
-            + " | **mean** | guard resets | time (s) |",
-            "| --- |" + " ---: |" * (len(names) + 3),
+            + f" | **mean** | first {SWITCH_WINDOW} | rest | guard resets | time (s) |",
+            "| --- |" + " ---: |" * (len(names) + 5),
         ]
         for r in group:
             cells = [f"{r['per_corruption_error'].get(n, float('nan')):.1f}" for n in names]
+            switch = " | ".join("" if e is None else f"{e:.1f}" for e in switch_errors(r))
             lines.append(
-                f"| {r['method']} | " + " | ".join(cells) + f" | **{r['mean_error']:.2f}** | {_guard_resets(r)} "
-                f"| {r['wall_s']:.0f} |"
+                f"| {r['method']} | " + " | ".join(cells) + f" | **{r['mean_error']:.2f}** | {switch} "
+                f"| {_guard_resets(r)} | {r['wall_s']:.0f} |"
             )
         lines.append("")
     legend = ", ".join(f"{short} = {name}" for name, short in SHORT_NAMES.items())
-    return "\n".join(lines) + f"\nColumns: {legend}.\n"
+    switch = (
+        f"first {SWITCH_WINDOW} / rest: error % on the first {SWITCH_WINDOW} images of each domain and on the rest "
+        "of it, means over domains (the first domain counts: the stream switches from the source)"
+    )
+    return "\n".join(lines) + f"\nColumns: {legend}; {switch}.\n"
 
 
 CSV_FIELDS = ["scenario", "batch_size", "method", "mode", "images", "mean_error", "overall_error", "guard_resets"]
+CSV_SWITCH_FIELDS = [f"first_{SWITCH_WINDOW}_error", "rest_error"]
 
 
 def write_csv(records: list[dict[str, Any]], path: Path) -> None:
     names = list(CORRUPTIONS)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*CSV_FIELDS, *names, "wall_s", "images_per_s"])
+        writer.writerow([*CSV_FIELDS, *names, *CSV_SWITCH_FIELDS, "wall_s", "images_per_s"])
         for _, group in _grouped(records):
             for r in group:
                 row = [r["scenario"], r["batch_size"], r["method"], r.get("mode"), r["images"], r["mean_error"]]
                 row += [r["overall_error"], _guard_resets(r)]
                 row += [r["per_corruption_error"].get(n, "") for n in names]
+                row += ["" if e is None else round(e, 3) for e in switch_errors(r)]
                 writer.writerow([*row, r["wall_s"], r["images_per_s"]])
 
 
@@ -743,8 +822,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="quick: 50 images per class and corruption (7,500 per stream); full: all 10,000 per corruption",
     )
     parser.add_argument("--limit-per-class", type=int, default=None, help="override the profile's images per class")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: all)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="in-process methods, comma-separated")
+    parser.add_argument(
+        "--domain-length",
+        type=int,
+        default=None,
+        help=f"images per domain, classes balanced (a multiple of {NUM_CLASSES}; overrides the profile and "
+        "--limit-per-class; results in bench/results/length-N)",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated, of {', '.join(SCENARIOS)} (default: {', '.join(DEFAULT_SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="in-process methods, comma-separated: ours (" + ", ".join(METHODS) + ") and the published methods' "
+        "own code from ../shared/anchors (" + ", ".join(ANCHOR_METHODS) + "; bench/peers/anchors.py)",
+    )
     parser.add_argument("--batch-sizes", default="64", help="comma-separated, e.g. 64,1")
     parser.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="subset, kept in the standard order")
     parser.add_argument("--severity", type=int, default=5, choices=range(1, 6))
@@ -787,6 +882,7 @@ def _config(args: argparse.Namespace, per_class: int | None, corruptions: list[s
         "corruptions": corruptions,
         "severity": args.severity,
         "seed": args.seed,
+        "domain_length": args.domain_length,
         "model_sha256": file_sha256(model) if model.is_file() else None,
     }
 
@@ -819,7 +915,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         scenarios = _parse_list(args.scenarios, SCENARIOS, "scenarios")
-        methods = _parse_list(args.methods, METHODS, "methods")
+        methods = _parse_list(args.methods, [*METHODS, *ANCHOR_METHODS], "methods")
         chosen = set(_parse_list(args.corruptions, list(CORRUPTIONS), "corruptions"))
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except (argparse.ArgumentTypeError, ValueError) as error:
@@ -829,7 +925,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     corruptions = [name for name in CORRUPTIONS if name in chosen]
     per_class = args.limit_per_class if args.limit_per_class is not None else PROFILES[args.profile]
     results_dir = args.results_dir or DEFAULT_RESULTS / args.profile
+    if args.domain_length is not None:
+        if args.domain_length < NUM_CLASSES or args.domain_length % NUM_CLASSES:
+            parser.error(f"--domain-length must be a positive multiple of {NUM_CLASSES} (classes balanced)")
+        per_class = args.domain_length // NUM_CLASSES
+        results_dir = args.results_dir or DEFAULT_RESULTS / f"length-{args.domain_length}"
     model = args.model or Path(os.environ.get("TTA_MODEL", DEFAULT_MODEL))
+    if any(m in ANCHOR_METHODS for m in methods) and args.http is None and (missing := anchor_available()):
+        parser.error(f"the published methods cannot run here: {missing}")
     if args.threads is not None:
         # on a shared machine, fewer threads than cores keeps a preempted thread from stalling every operation
         torch.set_num_threads(args.threads)
@@ -871,7 +974,10 @@ def run_plans(
         # `none` keeps no state, so only the data and the model make its run (the config); the others also depend
         # on every adaptation setting
         stateful = args.http is None and plan.method != "none"
-        settings = _adaptation_settings(method_settings(plan.method, model, args.device)) if stateful else None
+        if plan.method in ANCHOR_METHODS:
+            settings = anchor_settings(plan.method, plan.batch_size)
+        else:
+            settings = _adaptation_settings(method_settings(plan.method, model, args.device)) if stateful else None
         if path.exists() and not args.force and _reusable(path, config, settings):
             print(f"skip {path.name} (saved)", flush=True)
         else:
@@ -895,6 +1001,8 @@ def run_plans(
                 args.admin_token,
                 initial_reset=not args.no_initial_reset,
             )
+        elif plan.method in ANCHOR_METHODS:
+            output = run_anchor(stream, plan.method, plan.batch_size, model)
         elif plan.method == "none":
             pool_output = pool_output or source_predictions(pool, model, args.device)
             output = stateless_run(stream, pool_output)

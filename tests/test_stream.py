@@ -1,6 +1,7 @@
 """Tests for bench.stream: the Dirichlet order, the scenarios' streams, in-process vs HTTP agreement, and the
 command end to end (results, resume, table, CSV, plots) on a tiny stream."""
 
+import base64
 import json
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from bench.stream import (
+    RECURRING_LENGTHS,
+    RECURRING_VISITS,
     SCENARIO_RESET,
     Pool,
     build_stream,
@@ -16,9 +19,11 @@ from bench.stream import (
     ensure_corrupted,
     load_pool,
     main,
+    recurring_plan,
     run_http,
     run_in_process,
     server_method,
+    switch_errors,
 )
 from tests.servers import running_server
 
@@ -172,3 +177,74 @@ def test_command_end_to_end_writes_report_and_resumes(
     assert capsys.readouterr().out.count("skip ") == 1
     rerun = json.loads((results / "runs" / f"continual-b{BATCH}-default.json").read_text())
     assert rerun["settings"]["anchor_rate"] == 0.5
+
+
+def test_recurring_stream_lengths_balance_and_recurrence() -> None:
+    pool = _synthetic_pool(domains=3, per_domain=11_000)  # 1,100 per class: two visits never use a domain up
+    plan = recurring_plan(3, seed=0)
+    assert plan == recurring_plan(3, seed=0) and plan != recurring_plan(3, seed=1)  # seeded
+    domains = [d for d, _ in plan]
+    assert sorted(domains) == [0, 0, 1, 1, 2, 2]  # every domain comes back
+    assert all(a != b for a, b in zip(domains, domains[1:], strict=False))  # never twice in a row
+    assert all(RECURRING_LENGTHS[0] <= n <= RECURRING_LENGTHS[1] for _, n in plan)
+    assert len({n for _, n in plan}) > 1
+
+    stream = build_stream("recurring", pool, seed=0)
+    assert len(stream) == sum(n for _, n in plan)
+    starts = [b for b, _ in stream.boundaries()]
+    assert starts == list(np.cumsum([0] + [n for _, n in plan])[:-1])
+    assert [name for _, name in stream.boundaries()] == [pool.names[d] for d in domains]
+    seen: dict[int, set[int]] = {}
+    ends = [*starts[1:], len(stream)]
+    for start, end, (domain, length) in zip(starts, ends, plan, strict=True):
+        segment = stream.order[start:end]
+        assert (pool.domain[segment] == domain).all()
+        counts = np.bincount(pool.labels[segment], minlength=10)
+        assert counts.max() - counts.min() <= 1 and counts.sum() == length  # classes balanced
+        assert len(set(segment.tolist())) == length  # no image twice within a visit
+        assert not seen.get(domain, set()) & set(segment.tolist())  # a recurrence brings other images
+        seen.setdefault(domain, set()).update(segment.tolist())
+
+
+def test_recurring_stream_reuses_a_small_pool_in_turn() -> None:
+    pool = _synthetic_pool(domains=2, per_domain=40)  # 4 per class: far fewer than a visit needs
+    stream = build_stream("recurring", pool, seed=0)
+    for domain in (0, 1):
+        members = stream.order[stream.domain == domain]
+        uses = np.bincount(members, minlength=len(pool.labels))[pool.domain == domain]
+        assert uses.max() - uses.min() <= 1  # every image used as often as any other, within one
+
+
+def test_domain_length_and_recurring_from_the_command(
+    tmp_path: Path, cache_dir: Path, shared_data: Path, model_path: Path
+) -> None:
+    argv = [
+        "--domain-length", str(10 * PER_CLASS), "--corruptions", ",".join(CORRUPTIONS), "--methods", "none",
+        "--scenarios", "continual,recurring", "--batch-sizes", str(BATCH), "--model", str(model_path),
+        "--device", "cpu", "--data", str(shared_data / "test.zip"), "--cache-dir", str(cache_dir),
+        "--results-dir", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    continual = json.loads((tmp_path / "runs" / f"continual-b{BATCH}-none.json").read_text())
+    assert continual["images"] == 2 * 10 * PER_CLASS and continual["domain_length"] == 10 * PER_CLASS
+    recurring = json.loads((tmp_path / "runs" / f"recurring-b{BATCH}-none.json").read_text())
+    assert recurring["images"] == sum(n for _, n in recurring_plan(2, seed=0))
+    assert len(recurring["boundaries"]) == 2 * RECURRING_VISITS
+    first, rest = switch_errors(recurring)
+    assert first is not None and rest is not None
+    assert "| none |" in (tmp_path / "accuracy.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*argv, "--domain-length", "25"])  # not a multiple of the 10 classes
+
+
+def test_switch_errors_are_means_over_domains() -> None:
+    correct = np.array([0] * 500 + [1] * 500 + [1] * 250 + [0] * 250 + [1] * 600, dtype=bool)
+    record = {
+        "images": len(correct),
+        "correct_bits": base64.b64encode(np.packbits(correct).tobytes()).decode(),
+        "boundaries": [(0, "a"), (1000, "b"), (1500, "c")],
+    }
+    first, rest = switch_errors(record)
+    assert first == pytest.approx(100 * (1 + 0.5 + 0) / 3)  # domain c: its first 500 all right
+    assert rest == pytest.approx(100 * (0 + 0) / 2)  # b has no rest; c's last 100 are right
+    assert switch_errors({**record, "boundaries": []}) == (None, None)  # mixed
