@@ -16,15 +16,9 @@ from pydantic_settings import BaseSettings, CliPositionalArg, CliSettingsSource,
 from models.card import ForeignModel, ModelError, card_path, card_schema, check_model_file, one_line, read_card
 
 
-class ImportCommand(BaseSettings, ForeignModel):
-    """The flags of `tta import`: what to import, where to write it, and how to read it (ForeignModel's fields,
-    which `tta serve` takes too)."""
-
-    src: CliPositionalArg[Path] = Field(
-        description="foreign checkpoint: a PyTorch state_dict (bare, nested under state_dict/model, module.-prefixed), "
-        "a TorchScript archive or a safetensors file"
-    )
-    out: Path = Field(description="checkpoint to write, DIR/NAME.safetensors; its model card goes beside it as .json")
+class FlagsOnly(BaseSettings):
+    """Settings read from the command's flags alone: a TTA_ variable set for `tta serve` must not change what a model
+    command (`tta import`, `tta finetune`) does."""
 
     @classmethod
     def settings_customise_sources(
@@ -35,7 +29,18 @@ class ImportCommand(BaseSettings, ForeignModel):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)  # flags only: a TTA_ variable set for `tta serve` must not change what is imported
+        return (init_settings,)
+
+
+class ImportCommand(FlagsOnly, ForeignModel):
+    """The flags of `tta import`: what to import, where to write it, and how to read it (ForeignModel's fields,
+    which `tta serve` takes too)."""
+
+    src: CliPositionalArg[Path] = Field(
+        description="foreign checkpoint: a PyTorch state_dict (bare, nested under state_dict/model, module.-prefixed), "
+        "a TorchScript archive or a safetensors file"
+    )
+    out: Path = Field(description="checkpoint to write, DIR/NAME.safetensors; its model card goes beside it as .json")
 
 
 def fail(command: str, message: str) -> NoReturn:
