@@ -1,4 +1,5 @@
-"""The 15 CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019) for 32x32 RGB images.
+"""The 15 CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019) for 32x32 RGB images, and the paper's four
+held-out ones (speckle_noise, gaussian_blur, spatter, saturate: HELD_OUT), for choosing settings off the benchmark.
 
 Severity parameters are those of the paper's ``make_cifar_c.py`` (the CIFAR ones, not ImageNet-C's). The
 original needs ImageMagick, OpenCV, scikit-image and a set of frost photographs; this module uses only numpy,
@@ -9,6 +10,8 @@ scipy and PIL instead:
 - frost: the frost photographs are replaced by a procedural texture, see ``_frost_texture``.
 - defocus/glass blur, elastic transform, brightness: the OpenCV/scikit-image operations are rewritten with
   scipy.ndimage and numpy using the same kernels and border modes.
+- spatter: its water drops' OpenCV steps (Canny, distance transform, equalizeHist, filter2D) are rewritten with
+  scipy and numpy (the distance exact where OpenCV's 5x5 mask approximates it), see ``_water_mask``.
 - Randomness comes from the ``numpy.random.Generator`` passed in (the original used the global numpy RNG), so an
   image is reproducible from its seed.
 
@@ -390,6 +393,138 @@ def jpeg_compression(image: np.ndarray, severity: int, rng: np.random.Generator)
     return np.array(Image.open(buffer).convert("RGB"))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The four held-out corruptions (the paper's "extra" set, made by the same make_cifar_c.py): for choosing
+# settings on data that is not the benchmark
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def speckle_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    scale = [0.06, 0.1, 0.12, 0.16, 0.2][severity - 1]
+    x = _to_float(image)
+    return _to_uint8(x + x * rng.normal(scale=scale, size=x.shape))
+
+
+def gaussian_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    sigma = [0.4, 0.6, 0.7, 0.8, 1.0][severity - 1]
+    return _to_uint8(_skimage_gaussian(_to_float(image), sigma))
+
+
+def _rgb_to_hsv(x: np.ndarray) -> np.ndarray:
+    """skimage.color.rgb2hsv on an HxWx3 float array in [0, 1] (hue 0 where the pixel is grey)."""
+    value = x.max(axis=2)
+    delta = value - x.min(axis=2)
+    saturation = np.divide(delta, value, out=np.zeros_like(value), where=value > 0)
+    safe = np.where(delta > 0, delta, 1.0)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    hue = (g - b) / safe
+    hue = np.where(g == value, 2.0 + (b - r) / safe, hue)  # skimage assigns r, then g, then b: the last wins
+    hue = np.where(b == value, 4.0 + (r - g) / safe, hue)
+    hue = np.where(delta > 0, (hue / 6.0) % 1.0, 0.0)
+    return np.stack([hue, saturation, value], axis=2)
+
+
+def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """skimage.color.hsv2rgb."""
+    hue, saturation, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    sector = np.floor(hue * 6.0)
+    f = hue * 6.0 - sector
+    p, q, t = value * (1 - saturation), value * (1 - f * saturation), value * (1 - (1 - f) * saturation)
+    sector = sector.astype(int) % 6
+    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
+    return np.stack([np.choose(sector, [c[i] for c in choices]) for i in range(3)], axis=2)
+
+
+def saturate(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Scale and shift the HSV saturation (severities 1-2 wash colours out, 3-5 boost them)."""
+    factor, shift = [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)][severity - 1]
+    hsv = _rgb_to_hsv(_to_float(image))
+    hsv[..., 1] = np.clip(hsv[..., 1] * factor + shift, 0.0, 1.0)
+    return _to_uint8(_hsv_to_rgb(hsv))
+
+
+def _canny(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    """OpenCV's Canny (3x3 Sobel, L1 gradient magnitude, borders replicated) on a uint8 HxW array: bool edges."""
+    x = image.astype(np.float64)
+    dx = ndimage.sobel(x, axis=1, mode="nearest")
+    dy = ndimage.sobel(x, axis=0, mode="nearest")
+    magnitude = np.pad(np.abs(dx) + np.abs(dy), 1)  # zero outside, as OpenCV's magnitude buffer
+    m = magnitude[1:-1, 1:-1]
+    ax, ay = np.abs(dx), np.abs(dy)
+    tan22, tan67 = math.tan(math.radians(22.5)), math.tan(math.radians(67.5))
+
+    def at(d_row: int | np.ndarray, d_col: int | np.ndarray) -> np.ndarray:
+        rows, cols = np.indices(m.shape)
+        return magnitude[rows + 1 + d_row, cols + 1 + d_col]
+
+    horizontal = ay < tan22 * ax
+    vertical = ay > tan67 * ax
+    s = np.where((dx < 0) != (dy < 0), -1, 1)  # the diagonal's direction
+    local_max = np.where(
+        horizontal,
+        (m > at(0, -1)) & (m >= at(0, 1)),
+        np.where(vertical, (m > at(-1, 0)) & (m >= at(1, 0)), (m > at(-1, -s)) & (m > at(1, s))),
+    )
+    candidate = local_max & (m > low)
+    strong = candidate & (m > high)
+    labels, count = ndimage.label(candidate, structure=np.ones((3, 3)))  # hysteresis: 8-connected to a strong one
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[np.unique(labels[strong])] = True
+    keep[0] = False
+    return keep[labels]
+
+
+def _equalize_hist(x: np.ndarray) -> np.ndarray:
+    """OpenCV's equalizeHist on a uint8 array."""
+    hist = np.bincount(x.ravel(), minlength=256)
+    first = int(np.flatnonzero(hist)[0])
+    if hist[first] == x.size:
+        return np.full_like(x, first)
+    lut = np.rint(np.cumsum(hist) * 255.0 / (x.size - hist[first]) - hist[first] * 255.0 / (x.size - hist[first]))
+    lut[: first + 1] = 0
+    return np.clip(lut, 0, 255).astype(np.uint8)[x]
+
+
+def _water_mask(liquid: np.ndarray) -> np.ndarray:
+    """The water branch's shading, from the thresholded liquid layer (OpenCV's edge and distance steps)."""
+    layer = (liquid * 255).astype(np.uint8)
+    edges = _canny(layer, 50, 150)
+    # cv2.distanceTransform(DIST_L2, 5) approximates this exact Euclidean distance to within a few percent
+    dist = ndimage.distance_transform_edt(~edges) if edges.any() else np.full(layer.shape, 20.0)
+    dist = np.minimum(dist, 20.0)  # cv2.threshold(..., 20, 20, THRESH_TRUNC)
+    dist = ndimage.uniform_filter(dist, size=3, mode="mirror").astype(np.uint8)  # cv2.blur, BORDER_REFLECT_101
+    dist = _equalize_hist(dist)
+    kernel = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=np.float64)
+    dist = np.clip(np.rint(ndimage.correlate(dist.astype(np.float64), kernel, mode="mirror")), 0, 255)
+    dist = ndimage.uniform_filter(dist.astype(np.uint8).astype(np.float64), size=3, mode="mirror")
+    shade = layer * dist
+    peak = shade.max()
+    return shade / peak if peak > 0 else shade
+
+
+def spatter(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Liquid drops from a thresholded, blurred noise layer: pale turquoise water (severities 1-3) or brown mud
+    (4-5). The water branch's OpenCV steps (Canny, distance transform, histogram equalisation, filter2D) are
+    rewritten with scipy and numpy, see ``_canny``, ``_equalize_hist`` and ``_water_mask``."""
+    loc, scale, sigma, threshold, intensity, mud = [
+        (0.62, 0.1, 0.7, 0.7, 0.5, 0),
+        (0.65, 0.1, 0.8, 0.7, 0.5, 0),
+        (0.65, 0.3, 1, 0.69, 0.5, 0),
+        (0.65, 0.1, 0.7, 0.69, 0.6, 1),
+        (0.65, 0.1, 0.5, 0.68, 0.6, 1),
+    ][severity - 1]
+    x = _to_float(image)
+    liquid = ndimage.gaussian_filter(rng.normal(loc=loc, scale=scale, size=x.shape[:2]), sigma, mode="nearest")
+    liquid[liquid < threshold] = 0
+    if not mud:
+        water = np.array([175, 238, 238]) / 255.0
+        return _to_uint8(x + (_water_mask(liquid) * intensity)[..., None] * water)
+    mask = ndimage.gaussian_filter((liquid > threshold).astype(np.float64), intensity, mode="nearest")
+    mask[mask < 0.8] = 0
+    mud_brown = np.array([63, 42, 20]) / 255.0
+    return _to_uint8(x * (1 - mask[..., None]) + mask[..., None] * mud_brown)
+
+
 CORRUPTIONS: OrderedDict[str, Corruption] = OrderedDict(
     (fn.__name__, fn)
     for fn in (
@@ -410,6 +545,10 @@ CORRUPTIONS: OrderedDict[str, Corruption] = OrderedDict(
         jpeg_compression,
     )
 )
+HELD_OUT: OrderedDict[str, Corruption] = OrderedDict(
+    (fn.__name__, fn) for fn in (speckle_noise, gaussian_blur, spatter, saturate)
+)
+ALL_CORRUPTIONS: OrderedDict[str, Corruption] = OrderedDict([*CORRUPTIONS.items(), *HELD_OUT.items()])
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
@@ -418,18 +557,18 @@ def corrupt(image: np.ndarray, name: str, severity: int, seed: int | Sequence[in
 
     ``seed`` is anything numpy.random.default_rng accepts, e.g. an int or the list from ``image_seed``.
     """
-    if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}")
+    if name not in ALL_CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}; expected one of {', '.join(ALL_CORRUPTIONS)}")
     if severity not in SEVERITIES:
         raise ValueError(f"severity must be 1..5, got {severity}")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
-    return CORRUPTIONS[name](image, severity, np.random.default_rng(seed))
+    return ALL_CORRUPTIONS[name](image, severity, np.random.default_rng(seed))
 
 
 def image_seed(seed: int, name: str, severity: int, image_index: int) -> list[int]:
     """The seed of one image of the test set, so that an image's corruption does not depend on the subset made."""
-    return [seed, list(CORRUPTIONS).index(name), severity, image_index]
+    return [seed, list(ALL_CORRUPTIONS).index(name), severity, image_index]  # the 15 first: their seeds unchanged
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -538,7 +677,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write CIFAR-10-C style corrupted copies of the CIFAR-10 test set, one zip per "
         "(corruption, severity), with the test.zip layout and PNG images; existing complete zips are reused.",
     )
-    parser.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="comma-separated names (default: all 15)")
+    parser.add_argument(
+        "--corruptions",
+        default=",".join(CORRUPTIONS),
+        help="comma-separated names (default: the 15 of the benchmark; held out: " + ", ".join(HELD_OUT) + ")",
+    )
     parser.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities (default: 1,2,3,4,5)")
     parser.add_argument("--limit-per-class", type=int, default=None, help="only the first N images of each class")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"source test.zip (default: {DEFAULT_DATA})")
@@ -554,9 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     names = _parse_list(args.corruptions)
-    unknown = [name for name in names if name not in CORRUPTIONS]
+    unknown = [name for name in names if name not in ALL_CORRUPTIONS]
     if unknown:
-        parser.error(f"unknown corruptions {unknown}; choose from {', '.join(CORRUPTIONS)}")
+        parser.error(f"unknown corruptions {unknown}; choose from {', '.join(ALL_CORRUPTIONS)}")
     try:
         severities = [int(s) for s in _parse_list(args.severities)]
     except ValueError:

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.corruptions import CORRUPTIONS, DEFAULT_DATA
+from bench.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, DEFAULT_DATA
 from bench.corruptions import main as generate_corruptions
 from bench.peers.anchors import ANCHOR_METHODS, anchor_available, anchor_settings, run_anchor
 
@@ -94,6 +94,11 @@ SHORT_NAMES = {
     "elastic_transform": "elast",
     "pixelate": "pixel",
     "jpeg_compression": "jpeg",
+    # held out (bench.corruptions.HELD_OUT), for choosing settings off the benchmark
+    "speckle_noise": "speck",
+    "gaussian_blur": "gblur",
+    "spatter": "spatt",
+    "saturate": "satur",
 }
 
 
@@ -745,7 +750,7 @@ CSV_SWITCH_FIELDS = [f"first_{SWITCH_WINDOW}_error", "rest_error"]
 
 
 def write_csv(records: list[dict[str, Any]], path: Path) -> None:
-    names = list(CORRUPTIONS)
+    names = list(ALL_CORRUPTIONS)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*CSV_FIELDS, *names, *CSV_SWITCH_FIELDS, "wall_s", "images_per_s"])
@@ -841,7 +846,13 @@ def build_parser() -> argparse.ArgumentParser:
         "own code from ../shared/anchors (" + ", ".join(ANCHOR_METHODS) + "; bench/peers/anchors.py)",
     )
     parser.add_argument("--batch-sizes", default="64", help="comma-separated, e.g. 64,1")
-    parser.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="subset, kept in the standard order")
+    parser.add_argument(
+        "--corruptions",
+        default=",".join(CORRUPTIONS),
+        help="subset, kept in the standard order (default: the 15; the held-out "
+        + ", ".join(n for n in ALL_CORRUPTIONS if n not in CORRUPTIONS)
+        + " come after them)",
+    )
     parser.add_argument("--severity", type=int, default=5, choices=range(1, 6))
     parser.add_argument("--seed", type=int, default=0, help="stream order")
     parser.add_argument("--model", type=Path, default=None, help=f"checkpoint (default: TTA_MODEL or {DEFAULT_MODEL})")
@@ -916,13 +927,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         scenarios = _parse_list(args.scenarios, SCENARIOS, "scenarios")
         methods = _parse_list(args.methods, [*METHODS, *ANCHOR_METHODS], "methods")
-        chosen = set(_parse_list(args.corruptions, list(CORRUPTIONS), "corruptions"))
+        chosen = set(_parse_list(args.corruptions, list(ALL_CORRUPTIONS), "corruptions"))
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except (argparse.ArgumentTypeError, ValueError) as error:
         parser.error(str(error))
     if any(b < 1 for b in batch_sizes):
         parser.error("batch sizes must be at least 1")
-    corruptions = [name for name in CORRUPTIONS if name in chosen]
+    corruptions = [name for name in ALL_CORRUPTIONS if name in chosen]
     per_class = args.limit_per_class if args.limit_per_class is not None else PROFILES[args.profile]
     results_dir = args.results_dir or DEFAULT_RESULTS / args.profile
     if args.domain_length is not None:
