@@ -257,7 +257,7 @@ class Ingress:
     async def one(self, forwarded: Forwarded, stream: str | None) -> Answer:
         handle = self.replicas.options(multiplexed_model_id=stream) if stream else self.replicas
         answer = await handle.call.remote(forwarded)
-        if stream:
+        if stream and answer.status < 400:  # a refused name (422 invalid_stream, of any length) is never kept
             self.placed(stream, answer.replica)
         return answer
 
