@@ -182,10 +182,11 @@ def subset(data: ImageSet, index: np.ndarray) -> ImageSet:
 
 
 def with_model_classes(data: ImageSet, card: ModelCard, reinit: bool) -> ImageSet:
-    """The data's labels in the order of the model's outputs. Classes the model does not have need a new head."""
+    """The data's labels as indices of the model's outputs: its classes may be some of the model's, in any order (a
+    capture's labelled/ folder holds the classes labelled so far). Classes the model does not have need a new head."""
     if data.class_names == card.class_names or reinit:
         return data
-    if sorted(data.class_names) == sorted(card.class_names):
+    if set(data.class_names) <= set(card.class_names):
         order = torch.tensor([card.class_names.index(name) for name in data.class_names])
         return ImageSet(data.images, order[data.labels], list(card.class_names), data.members)
     raise ModelError(
