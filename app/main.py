@@ -69,12 +69,14 @@ def build_service(settings: Settings, loaded: tuple[torch.nn.Module, ModelCard] 
     model = model.to(device)
     streams = StreamEngines(lambda: AdaptationEngine(model, card.num_classes, settings, device), settings.max_streams)
     worker = ModelWorker(streams, card.mean, card.std, settings.top_k)
+    metrics = ServiceMetrics()
     batcher = Batcher(
         worker.predict,
         settings.max_batch_size,
         settings.max_wait_ms / 1000,
         settings.max_queue_images,
         settings.queue_delay_s(),
+        recorder=metrics,
     )
     ledger = PredictionLedger(
         card.num_classes,
@@ -85,20 +87,7 @@ def build_service(settings: Settings, loaded: tuple[torch.nn.Module, ModelCard] 
     )
     state_file = SnapshotFile(settings.state_dir, model_identity(settings, card)) if settings.state_dir else None
     persistence = Persistence(state_file, worker, ledger, settings.snapshot_interval_s)
-    metrics = ServiceMetrics(
-        ledger,
-        lambda: worker.snapshot,
-        lambda: batcher.queued_images,
-        settings.max_queue_images,
-        settings.shadow_source,
-    )
-    metrics.watch_persistence(persistence.status)
-
-    def observe_batch(size: int, wait_s: float) -> None:
-        metrics.batch_size.observe(size)
-        metrics.batch_duration.labels("queue_wait").observe(wait_s)
-
-    batcher.on_batch = observe_batch
+    metrics.read_at_scrape(batcher, worker, ledger, persistence, settings.shadow_source)
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_request_pixels)
     decoder = ImageDecoder(card.input_size, limits, settings.decode_threads or None, resize=card.resize)
     return Service(settings, card, device, worker, batcher, ledger, metrics, decoder, persistence, time.time())

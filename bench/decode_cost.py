@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.api.errors import REFUSAL_STATUS
 from app.config import Settings
-from app.serving.preprocess import ImageLimits, InputError, decode_all
+from app.serving.preprocess import DecodeRefusedError, ImageLimits, decode_all
 from bench.malformed import forge_size, png_declaring  # the fuzz test's forgeries
 
 INPUT_SIZE = 32  # the default model's
@@ -39,8 +40,8 @@ def timed(files: list[tuple[str, bytes]], limits: ImageLimits, repeats: int = 3)
         try:
             decode_all(files, INPUT_SIZE, limits)
             outcome = "decoded"
-        except InputError as error:
-            outcome = f"{error.status} {error.code}"
+        except DecodeRefusedError as error:
+            outcome = f"{REFUSAL_STATUS[type(error)]} {error.code}"
         best = min(best, time.perf_counter() - started)
     return best, outcome
 

@@ -12,7 +12,8 @@ import httpx
 import pytest
 import torch
 
-from app.serving.batcher import Batcher, OverloadError, Throughput
+from app.api.errors import refusal_response
+from app.serving.batcher import Batcher, Throughput, UnavailableError
 from app.serving.worker import MODEL_THREAD_NICE
 from bench.load import Sample, build_bodies, load_jpegs, open_loop
 from tests.conftest import make_png
@@ -39,8 +40,8 @@ def batcher(
     return b
 
 
-def refusal(b: Batcher, count: int, **kw: float) -> OverloadError:
-    with pytest.raises(OverloadError) as caught:
+def refusal(b: Batcher, count: int, **kw: float) -> UnavailableError:
+    with pytest.raises(UnavailableError) as caught:
         b.admit(count, **kw)
     return caught.value
 
@@ -59,7 +60,9 @@ def test_before_any_batch_only_the_count_bound_applies() -> None:
     b.admit(1024)  # the throughput is unknown, so no time can be estimated
     b.queued_images = 1000
     refused = refusal(b, 25)
-    assert (refused.status, refused.code, refused.retry_after_s) == (503, "queue_full", 1)
+    assert (refused.code, refused.retry_after_s) == ("queue_full", 1)
+    response = refusal_response(refused)  # what the API answers
+    assert (response.status_code, response.headers["retry-after"]) == (503, "1")
 
 
 def test_a_request_expected_past_the_budget_is_refused_with_an_honest_retry_after() -> None:
@@ -67,7 +70,7 @@ def test_a_request_expected_past_the_budget_is_refused_with_an_honest_retry_afte
     b.queued_images, b.computing_images = 50, 40
     b.admit(10)  # (50 + 40 + 10) / 100 = 1.0 s: within
     refused = refusal(b, 11)
-    assert (refused.status, refused.code, refused.retry_after_s) == (503, "overloaded", 1)
+    assert (refused.code, refused.retry_after_s) == ("overloaded", 1)
     b.queued_images = 400
     assert b.expected_wait_s(10) == pytest.approx(4.5)
     assert refusal(b, 10).retry_after_s == math.ceil(4.5 - 1.0)  # the work to be done before it would fit

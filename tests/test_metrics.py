@@ -1,16 +1,24 @@
 """Prequential ledger, /feedback, the source shadow, and the metrics as a real Prometheus server sees them."""
 
+import asyncio
+import re
 import time
 import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
+from prometheus_client import generate_latest
 
-from app.metrics.ledger import LabelError, LedgerEntry, PredictionLedger
+from app.metrics.ledger import LedgerEntry, PredictionLedger, UnknownPredictionError
+from app.metrics.prometheus import METRIC_STREAMS, OTHER_STREAMS, ServiceMetrics
+from app.serving.batcher import Batcher, DeadlineExceededError
+from app.serving.worker import BatchOutput
 from models.checkpoint import load_checkpoint
 from models.data import list_members, load_zip
 from models.evaluate import accuracy
+from tests.conftest import make_png
 from tests.servers import in_process_client, metric_value, query, running_prometheus, running_server
 
 
@@ -23,14 +31,13 @@ def test_ledger_memory_is_bounded_by_size_and_age() -> None:
     for i in range(10_000):
         ledger.record(f"id{i}", entry(i % 10), None)
     assert len(ledger) == 100
-    with pytest.raises(LabelError) as evicted:
+    with pytest.raises(UnknownPredictionError):
         ledger.label_all([("id0", 0)])
-    assert evicted.value.status == 404
     ledger = PredictionLedger(num_classes=10, max_size=100, max_age_s=60, window=10)
     ledger.record("old", entry(1, created=time.monotonic() - 61), None)
     ledger.record("new", entry(1), None)
     assert len(ledger) == 1
-    with pytest.raises(LabelError, match="unknown or expired"):
+    with pytest.raises(UnknownPredictionError, match="unknown or expired"):
         ledger.label_all([("old", 1)])
     assert ledger.label_all([("new", 1)]) == [True]
 
@@ -42,6 +49,66 @@ def test_prequential_window_and_totals() -> None:
     score = ledger.scores["adapted"]
     assert (score.labels, score.correct) == (6, 3)
     assert score.window_accuracy() == pytest.approx(2 / 4)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_batch_is_recorded_once_when_its_first_request_timed_out(anyio_backend: str) -> None:
+    """The real batcher and metrics; the model worker is a stand-in (the one fake here), since the test needs a batch
+    that outlasts one of its requests' timeouts, which the real worker on a small model never does."""
+    release = asyncio.Event()
+
+    async def model(images: list[torch.Tensor], streams: list[str]) -> BatchOutput:
+        await release.wait()
+        n = sum(len(x) for x in images)
+        seconds = {"model": 0.25, "postprocess": 0.01}
+        return BatchOutput([0] * n, [1.0] * n, [0.5] * n, [[0]] * n, [[1.0]] * n, None, [0] * n, seconds)
+
+    metrics = ServiceMetrics()
+    batcher = Batcher(model, 8, 0.05, max_queue_images=64, max_queue_delay_s=5, recorder=metrics)
+    batcher.start()
+    first = asyncio.create_task(batcher.submit(torch.zeros(2, 3, 4, 4), timeout_s=0.2, stream="a"))
+    second = asyncio.create_task(batcher.submit(torch.zeros(3, 3, 4, 4), timeout_s=5, stream="b"))
+    await asyncio.sleep(0.4)  # one batch of both dispatched at 0.05 s; the first request's time ran out at 0.2 s
+    release.set()
+    with pytest.raises(DeadlineExceededError):
+        await first
+    assert (await second).offset == 2
+    await batcher.stop(1)
+    text = generate_latest(metrics.registry).decode()
+    assert (metric_value(text, "tta_batch_size_count"), metric_value(text, "tta_batch_size_sum")) == (1, 5)
+    for phase in ("queue_wait", "model", "postprocess"):
+        assert metric_value(text, "tta_batch_duration_seconds_count", f'phase="{phase}"') == 1
+    assert metric_value(text, "tta_batch_duration_seconds_sum", 'phase="model"') == 0.25
+    assert metric_value(text, "tta_predictions_total") == metric_value(text, "tta_prediction_entropy_count") == 5
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_per_stream_series_are_bounded_to_the_busiest_streams(anyio_backend: str, model_path: Path) -> None:
+    count = METRIC_STREAMS + 3
+    settings = {"method": "norm", "shadow_source": True, "guard_min_batch": False}  # norm: the shadow differs
+    async with in_process_client(model=model_path, **settings) as (client, _):
+        for i in range(count):  # stream s<i> gets i + 1 labelled images: the busiest are the last METRIC_STREAMS
+            files = [("files", (f"{i}-{j}.png", make_png(seed=100 * i + j), "image/png")) for j in range(i + 1)]
+            labels = ",".join(str((i + j) % 10) for j in range(i + 1))
+            answer = await client.post(
+                "/predict", files=files, data={"labels": labels}, headers={"X-TTA-Stream": f"s{i}"}
+            )
+            assert answer.status_code == 200, answer.text
+        streams = {s["stream"]: s for s in (await client.get("/v1/streams")).json()["streams"]}
+        text = (await client.get("/metrics")).text
+    named = {value for line in text.splitlines() for value in re.findall(r'stream="([^"]*)"', line)}
+    assert named == {f"s{i}" for i in range(3, count)} | {OTHER_STREAMS}
+    for i in range(3, count):
+        figures = streams[f"s{i}"]["prequential"]
+        for model in ("adapted", "source"):
+            value = metric_value(text, "tta_stream_prequential_accuracy", f'model="{model}",stream="s{i}"')
+            assert value == pytest.approx(figures[model]["window_accuracy"])
+        assert metric_value(text, "tta_stream_param_drift", f'stream="s{i}"') == streams[f"s{i}"]["param_drift"]
+    quiet = [streams[f"s{i}"]["prequential"]["adapted"] for i in range(3)]  # 1 + 2 + 3 labels
+    pooled = metric_value(text, "tta_stream_prequential_accuracy", f'model="adapted",stream="{OTHER_STREAMS}"')
+    assert pooled == pytest.approx(sum(q["correct"] for q in quiet) / 6)
 
 
 @pytest.mark.anyio

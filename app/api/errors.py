@@ -1,4 +1,9 @@
-"""Every error is JSON `{"error": code, "detail": sentence}`; request metrics are taken here too."""
+"""Every error is JSON `{"error": code, "detail": sentence}`; request metrics are taken here too.
+
+The service's parts refuse with their own exceptions, which know nothing of HTTP: each holds a stable `code` and a
+`detail` sentence, and REFUSAL_STATUS says what each is in HTTP. The API's own refusals (parsing, routes) are
+ApiError, which holds its status.
+"""
 
 import logging
 import time
@@ -10,9 +15,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.metrics.ledger import LabelError
-from app.serving.batcher import OverloadError
-from app.serving.preprocess import InputError
+from app.metrics.ledger import AlreadyLabelledError, InvalidLabelError, UnknownPredictionError
+from app.serving.batcher import DeadlineExceededError, UnavailableError
+from app.serving.preprocess import ImageLimitError, UnreadableImageError, UnsupportedFormatError
 
 KNOWN_ROUTES = {"/predict", "/feedback", "/reset", "/v1/status", "/healthz", "/readyz", "/metrics"}
 
@@ -21,7 +26,26 @@ KNOWN_ROUTES = {"/predict", "/feedback", "/reset", "/v1/status", "/healthz", "/r
 # of the 5xx alerts: the client went away, the server did not fail.
 CLIENT_CLOSED_REQUEST = 499
 
+REFUSAL_STATUS: dict[type[Exception], int] = {
+    UnreadableImageError: 400,
+    UnknownPredictionError: 404,
+    AlreadyLabelledError: 409,
+    ImageLimitError: 413,
+    UnsupportedFormatError: 415,
+    InvalidLabelError: 422,
+    UnavailableError: 503,  # with its Retry-After: nothing was computed
+    DeadlineExceededError: 504,
+}
+
 log = logging.getLogger("tta")
+
+
+class ApiError(Exception):
+    """A request the API refuses (malformed, unknown stream, not ready), with the HTTP status to answer."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
 
 
 def error_response(status: int, code: str, detail: str, retry_after_s: int = 1) -> JSONResponse:
@@ -29,15 +53,21 @@ def error_response(status: int, code: str, detail: str, retry_after_s: int = 1) 
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
+def refusal_response(error: Exception) -> JSONResponse:
+    """The answer to one of the service's refusals (a key of REFUSAL_STATUS)."""
+    return error_response(REFUSAL_STATUS[type(error)], error.code, error.detail, getattr(error, "retry_after_s", 1))
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(InputError)
-    @app.exception_handler(LabelError)
-    async def _known(request: Request, error: InputError | LabelError) -> JSONResponse:
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, error: ApiError) -> JSONResponse:
         return error_response(error.status, error.code, error.detail)
 
-    @app.exception_handler(OverloadError)
-    async def _overloaded(request: Request, error: OverloadError) -> JSONResponse:
-        return error_response(503, error.code, error.detail, error.retry_after_s)
+    async def _refused(request: Request, error: Exception) -> JSONResponse:
+        return refusal_response(error)
+
+    for refusal in REFUSAL_STATUS:
+        app.add_exception_handler(refusal, _refused)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -90,5 +120,4 @@ class RequestMetricsMiddleware:
         finally:
             service = getattr(scope["app"].state, "service", None)
             if service is not None:
-                service.metrics.requests.labels(route, str(status)).inc()
-                service.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+                service.metrics.record_request(route, status, time.perf_counter() - started)

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.adaptation.streams import DEFAULT_STREAM, STREAM_NAME, STREAM_RULE, valid_stream
 from app.api.auth import require_admin, require_api_key, require_stream_access
+from app.api.errors import ApiError
 from app.api.parsing import STREAM_HEADER, parse_feedback, parse_predict
 from app.api.schemas import (
     ERROR_RESPONSES,
@@ -24,7 +25,6 @@ from app.api.schemas import (
     StreamStatus,
 )
 from app.metrics.ledger import LedgerEntry
-from app.serving.preprocess import InputError
 
 router = APIRouter()
 
@@ -65,7 +65,7 @@ PREDICT_BODY = {
             },
             "application/json": {"schema": PredictJSON.model_json_schema()},
         },
-    }
+    },
 }
 
 
@@ -132,11 +132,6 @@ async def predict(request: Request) -> Response:
                 ],
             }
         )
-        service.metrics.prediction_entropy.observe(out.entropy[i])
-    service.metrics.predictions.inc(result.count)
-    if result.offset == 0:  # one request per batch reports the batch's phases
-        for phase, seconds in out.seconds.items():
-            service.metrics.batch_duration.labels(phase).observe(seconds)
     # Serialised here rather than validated against PredictResponse by FastAPI: the shape is fixed above, and that
     # validation was among the largest non-model costs in the saturation profile (docs/BENCHMARKS.md, speed).
     body = json.dumps({"predictions": predictions, "adaptation_step": step}, separators=(",", ":"))
@@ -175,10 +170,10 @@ async def reset(
 ) -> dict[str, Any]:
     service = _service(request)
     if stream is not None and not valid_stream(stream):
-        raise InputError(422, "invalid_stream", f"stream name {stream[:80]!r} is not {STREAM_RULE}")
+        raise ApiError(422, "invalid_stream", f"stream name {stream[:80]!r} is not {STREAM_RULE}")
     names = await service.worker.reset("manual", stream)
     if stream is not None and not names:
-        raise InputError(404, "unknown_stream", f"no stream {stream!r} (never seen, or evicted)")
+        raise ApiError(404, "unknown_stream", f"no stream {stream!r} (never seen, or evicted)")
     shown = service.worker.stream_snapshots.get(stream or DEFAULT_STREAM, service.worker.snapshot)
     return {"reset": True, "adaptation_step": shown["steps_since_reset"], "streams": names}
 
@@ -204,7 +199,7 @@ async def one_stream(request: Request, stream: str) -> dict[str, Any]:
     service = _service(request)
     snapshot = service.worker.stream_snapshots.get(stream)
     if snapshot is None:
-        raise InputError(404, "unknown_stream", f"no stream {stream[:80]!r} (never seen, or evicted)")
+        raise ApiError(404, "unknown_stream", f"no stream {stream[:80]!r} (never seen, or evicted)")
     return stream_status(service, stream, snapshot)
 
 
@@ -266,7 +261,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> Any:
     service = getattr(request.app.state, "service", None)
     if service is None or not service.worker.alive:
-        raise InputError(503, "not_ready", "the model worker is not running")
+        raise ApiError(503, "not_ready", "the model worker is not running")
     return {"status": "ready", "method": service.settings.method}
 
 

@@ -24,9 +24,24 @@ class LedgerEntry:
 
 
 class LabelError(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    """A label the ledger refuses: `code` names why, stable for clients; `detail` says it in a sentence. What it is
+    in HTTP is the API's to say (app/api/errors.py), by the subclass."""
+
+    def __init__(self, code: str, detail: str) -> None:
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.code, self.detail = code, detail
+
+
+class UnknownPredictionError(LabelError):
+    """No such prediction id, or it expired: `unknown_prediction`."""
+
+
+class AlreadyLabelledError(LabelError):
+    """The prediction has its label already: `already_labelled`."""
+
+
+class InvalidLabelError(LabelError):
+    """A label outside the classes (`label_out_of_range`), or one id twice in a request (`duplicate_id`)."""
 
 
 class PrequentialScore:
@@ -48,6 +63,10 @@ class PrequentialScore:
 
     def window_accuracy(self) -> float | None:
         return self._recent_correct / len(self._recent) if self._recent else None
+
+    def window_counts(self) -> tuple[int, int]:
+        """(correct, labels) over the window: windows of several scores pool by summing them."""
+        return self._recent_correct, len(self._recent)
 
     def summary(self) -> dict[str, Any]:
         accuracy = self.correct / self.labels if self.labels else None
@@ -114,25 +133,29 @@ class PredictionLedger:
         except LabelError as error:
             if len(labels) < 2:
                 raise
-            raise LabelError(error.status, error.code, f"{error.detail}; none of these labels was applied") from None
+            raise type(error)(error.code, f"{error.detail}; none of these labels was applied") from None
 
     def _unlabelled_entries(self, prediction_ids: list[str]) -> list[LedgerEntry]:
         entries, seen = [], set()
         for prediction_id in prediction_ids:
             if prediction_id in seen:
-                raise LabelError(422, "duplicate_id", f"prediction {prediction_id!r} is labelled twice in one request")
+                raise InvalidLabelError(
+                    "duplicate_id", f"prediction {prediction_id!r} is labelled twice in one request"
+                )
             seen.add(prediction_id)
             entry = self._entries.get(prediction_id)
             if entry is None:
-                raise LabelError(404, "unknown_prediction", f"no prediction {prediction_id!r} (unknown or expired)")
+                raise UnknownPredictionError(
+                    "unknown_prediction", f"no prediction {prediction_id!r} (unknown or expired)"
+                )
             if entry.labelled:
-                raise LabelError(409, "already_labelled", f"prediction {prediction_id!r} already has a label")
+                raise AlreadyLabelledError("already_labelled", f"prediction {prediction_id!r} already has a label")
             entries.append(entry)
         return entries
 
     def check_label(self, label: int) -> None:
         if not 0 <= label < self.num_classes:
-            raise LabelError(422, "label_out_of_range", f"label {label} is outside 0..{self.num_classes - 1}")
+            raise InvalidLabelError("label_out_of_range", f"label {label} is outside 0..{self.num_classes - 1}")
 
     def _score(self, entry: LedgerEntry, label: int) -> bool:
         entry.labelled = True
@@ -157,6 +180,14 @@ class PredictionLedger:
         """The streams of those predictions that are remembered (an unknown id is label_all's to refuse)."""
         with self._lock:
             return {entry.stream for i in prediction_ids if (entry := self._entries.get(i)) is not None}
+
+    def stream_windows(self) -> dict[str, dict[str, tuple[int, int, int]]]:
+        """Per stream and model: (labels in all, correct in the window, labels in the window)."""
+        with self._lock:
+            return {
+                stream: {model: (s.labels, *s.window_counts()) for model, s in scores.items()}
+                for stream, scores in self.stream_scores.items()
+            }
 
     def stream_summary(self, stream: str) -> dict[str, dict[str, Any]]:
         """A stream's prequential figures per model, for GET /v1/streams."""

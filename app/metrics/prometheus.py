@@ -1,38 +1,35 @@
-"""Prometheus metrics. Request and batch metrics are observed as they happen; adaptation and
-prequential figures are read at scrape time from the worker's snapshot and the ledger, so
-/metrics and /v1/status always show the same numbers."""
+"""Prometheus metrics, in two ways only.
 
-from collections.abc import Callable, Iterator
-from typing import Any
+What happens is recorded as it happens, by the one who sees it whole: the HTTP middleware records each request
+(`record_request`), the batcher each batch when it ends (`record_batch`, once, whatever became of its requests).
+What is a state (the queue, adaptation, prequential scores, snapshots) is read at scrape time by the collectors
+below, from the objects that hold it, so /metrics and /v1/status always show the same numbers.
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-)
+Series per stream are bounded however many streams there are: the METRIC_STREAMS streams with the most labels have
+their own, the others' prequential accuracy is pooled under stream="(other)" (a name no stream can have), and every
+stream's full figures are in GET /v1/streams.
+"""
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.metrics.ledger import PredictionLedger
+from app.serving.batcher import Batcher
+from app.serving.persistence import Persistence
+from app.serving.worker import BatchOutput, ModelWorker
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512, 1024)
 ENTROPY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+METRIC_STREAMS = 10
+OTHER_STREAMS = "(other)"  # parentheses are outside the stream names' alphabet, so no stream is called this
 
 
 class ServiceMetrics:
-    def __init__(
-        self,
-        ledger: PredictionLedger,
-        engine_snapshot: Callable[[], dict[str, Any]],
-        queue_depth: Callable[[], int],
-        queue_capacity: int,
-        shadow: bool,
-    ) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
@@ -55,22 +52,53 @@ class ServiceMetrics:
         self.prediction_entropy = Histogram(
             "tta_prediction_entropy", "softmax entropy (nats) of each prediction", buckets=ENTROPY_BUCKETS, registry=r
         )
-        queue = Gauge("tta_queue_depth", "images waiting for a batch", registry=r)
-        queue.set_function(lambda: queue_depth())
-        Gauge("tta_queue_capacity_images", "TTA_MAX_QUEUE_IMAGES: the queue bound", registry=r).set(queue_capacity)
-        r.register(_AdaptationCollector(ledger, engine_snapshot, shadow))
 
-    def watch_persistence(self, status: Callable[[], dict[str, Any]]) -> None:
-        """State snapshot figures, read at scrape time from the persistence status that /v1/status shows."""
-        self.registry.register(_PersistenceCollector(status))
+    def record_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.request_duration.labels(route).observe(seconds)
+
+    def record_batch(self, size: int, queue_wait_s: float, output: BatchOutput | None) -> None:
+        """The batcher's BatchRecorder: one call per batch, when it ends (output None: the batch failed)."""
+        self.batch_size.observe(size)
+        self.batch_duration.labels("queue_wait").observe(queue_wait_s)
+        if output is None:
+            return
+        for phase, seconds in output.seconds.items():
+            self.batch_duration.labels(phase).observe(seconds)
+        self.predictions.inc(len(output.entropy))
+        for entropy in output.entropy:
+            self.prediction_entropy.observe(entropy)
+
+    def read_at_scrape(
+        self, batcher: Batcher, worker: ModelWorker, ledger: PredictionLedger, persistence: Persistence, shadow: bool
+    ) -> None:
+        """Register the collectors of the states these objects hold."""
+        for collector in (
+            _QueueCollector(batcher),
+            _AdaptationCollector(ledger, worker, shadow),
+            _StreamCollector(ledger, worker, shadow),
+            _PersistenceCollector(persistence),
+        ):
+            self.registry.register(collector)
+
+
+class _QueueCollector(Collector):
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("tta_queue_depth", "images waiting for a batch", value=self.batcher.queued_images)
+        yield GaugeMetricFamily(
+            "tta_queue_capacity_images", "TTA_MAX_QUEUE_IMAGES: the queue bound", value=self.batcher.max_queue_images
+        )
 
 
 class _PersistenceCollector(Collector):
-    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
-        self.status = status
+    def __init__(self, persistence: Persistence) -> None:
+        self.persistence = persistence
 
     def collect(self) -> Iterator[Metric]:
-        s = self.status()
+        s = self.persistence.status()
         if not s["enabled"]:
             return
         yield CounterMetricFamily("tta_state_snapshots", "adapted-state snapshots written", value=s["snapshots"])
@@ -101,13 +129,13 @@ class _PersistenceCollector(Collector):
 
 
 class _AdaptationCollector(Collector):
-    def __init__(self, ledger: PredictionLedger, engine_snapshot: Callable[[], dict[str, Any]], shadow: bool) -> None:
+    def __init__(self, ledger: PredictionLedger, worker: ModelWorker, shadow: bool) -> None:
         self.ledger = ledger
-        self.engine_snapshot = engine_snapshot
+        self.worker = worker
         self.models = ("adapted", "source") if shadow else ("adapted",)
 
     def collect(self) -> Iterator[Metric]:
-        s = self.engine_snapshot()
+        s = self.worker.snapshot
         labels = CounterMetricFamily("tta_labels", "labelled predictions, by model", labels=["model"])
         correct = CounterMetricFamily(
             "tta_correct", "labelled predictions that were correct when made", labels=["model"]
@@ -164,3 +192,47 @@ class _AdaptationCollector(Collector):
             "tta_adaptation_buffer_images", "small-batch images waiting for a step", value=s["buffer_fill"]
         )
         yield GaugeMetricFamily("tta_ledger_entries", "predictions remembered for late labels", value=len(self.ledger))
+
+
+class _StreamCollector(Collector):
+    """Per-stream series for the busiest streams only (see the module's docstring)."""
+
+    def __init__(self, ledger: PredictionLedger, worker: ModelWorker, shadow: bool) -> None:
+        self.ledger = ledger
+        self.worker = worker
+        self.models = ("adapted", "source") if shadow else ("adapted",)
+
+    def collect(self) -> Iterator[Metric]:
+        windows = self.ledger.stream_windows()
+        busiest = set(sorted(windows, key=lambda name: (-windows[name]["adapted"][0], name))[:METRIC_STREAMS])
+        accuracy = GaugeMetricFamily(
+            "tta_stream_prequential_accuracy",
+            f"accuracy over each stream's last N labels, for the {METRIC_STREAMS} streams with the most labels; "
+            f'the others pooled as stream="{OTHER_STREAMS}"',
+            labels=["stream", "model"],
+        )
+        pooled = dict.fromkeys(self.models, (0, 0))
+        for name, scores in windows.items():
+            for model in self.models:
+                _, correct, count = scores[model]
+                if name in busiest:
+                    if count:
+                        accuracy.add_metric([name, model], correct / count)
+                else:
+                    pooled[model] = (pooled[model][0] + correct, pooled[model][1] + count)
+        for model, (correct, count) in pooled.items():
+            if count:
+                accuracy.add_metric([OTHER_STREAMS, model], correct / count)
+        yield accuracy
+        snapshots = self.worker.stream_snapshots
+        drift = GaugeMetricFamily(
+            "tta_stream_param_drift", "tta_param_drift of each of the busiest streams", labels=["stream"]
+        )
+        entropy = GaugeMetricFamily(
+            "tta_stream_entropy_ema", "tta_entropy_ema of each of the busiest streams", labels=["stream"]
+        )
+        for name in sorted(busiest & snapshots.keys()):
+            drift.add_metric([name], snapshots[name]["param_drift"])
+            if snapshots[name]["entropy_ema"] is not None:
+                entropy.add_metric([name], snapshots[name]["entropy_ema"])
+        yield from (drift, entropy)

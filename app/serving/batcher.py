@@ -3,13 +3,17 @@
 A batch is dispatched when it holds `max_batch_size` images or when its oldest request has waited
 `max_wait_s`. While the worker runs one batch the next one fills, so batches grow with load. A
 request's images stay together and in order; a request past its deadline is dropped from the queue
-(its images are never computed) and answered 504 by its route.
+(its images are never computed) and fails with `DeadlineExceededError`.
 
-Admission is by time as well as by count: a request is refused at once (503 `overloaded`) when its
+Admission is by time as well as by count: a request is refused at once (`overloaded`) when its
 images would not be computed within `max_queue_delay_s`, estimated from the images ahead of it and
 the throughput measured over recent batches, and never less than two full batches at that
-throughput. The queue bound in images (503 `queue_full`) still holds, and is the only bound before
+throughput. The queue bound in images (`queue_full`) still holds, and is the only bound before
 the first batch has measured the throughput.
+
+Refusals are this module's exceptions (UnavailableError, DeadlineExceededError), which app/api/errors.py answers
+in HTTP. Every batch is reported once, when it ends, to the recorder given at construction (its size, queue wait
+and output), whatever became of its requests.
 """
 
 import asyncio
@@ -18,19 +22,35 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from app.serving.preprocess import InputError
 from app.serving.worker import BatchOutput
 
 
-class OverloadError(InputError):
-    """503 with an honest Retry-After: the seconds until the queue should have room for the request."""
+class UnavailableError(Exception):
+    """Nothing of the request was computed and it may be sent again after `retry_after_s`: the queue has no room
+    (`queue_full`) or no time (`overloaded`) for it, or the server is stopping (`shutting_down`)."""
 
-    def __init__(self, code: str, detail: str, retry_after_s: int) -> None:
-        super().__init__(503, code, detail)
-        self.retry_after_s = retry_after_s
+    def __init__(self, code: str, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__(detail)
+        self.code, self.detail, self.retry_after_s = code, detail, retry_after_s
+
+
+class DeadlineExceededError(Exception):
+    """No answer within the request's time (`timeout`); its images may or may not have been computed."""
+
+    code = "timeout"
+
+    def __init__(self, timeout_s: float) -> None:
+        self.detail = f"no answer within {timeout_s:g} s; the server is overloaded"
+        super().__init__(self.detail)
+
+
+class BatchRecorder(Protocol):
+    def record_batch(self, size: int, queue_wait_s: float, output: BatchOutput | None) -> None:
+        """One batch, once, when it ends: its images, its oldest request's wait, its output (None if it failed)."""
 
 
 @dataclass
@@ -81,8 +101,10 @@ class Batcher:
         max_wait_s: float,
         max_queue_images: int,
         max_queue_delay_s: float,
+        recorder: BatchRecorder | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._recorder = recorder
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
@@ -96,7 +118,6 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._accepting = True
         self._task: asyncio.Task | None = None
-        self.on_batch: Callable[[int, float], None] = lambda size, wait: None  # metrics hook
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._dispatch_forever(), name="batcher")
@@ -111,7 +132,7 @@ class Batcher:
             self._task.cancel()
         for pending in self._queue:
             if not pending.future.done():
-                pending.future.set_exception(InputError(503, "shutting_down", "the server is shutting down"))
+                pending.future.set_exception(UnavailableError("shutting_down", "the server is shutting down"))
 
     def images_per_s(self) -> float | None:
         """The throughput to plan with: the measured one, or less while the running batch has already taken longer
@@ -133,13 +154,13 @@ class Batcher:
         return (self.queued_images + self.computing_images + count) / rate
 
     def admit(self, count: int, within_s: float = math.inf) -> None:
-        """Refuse (503) a request of `count` images that the queue has no room or no time for.
+        """Refuse (UnavailableError) a request of `count` images that the queue has no room or no time for.
 
         Called before a request's images are decoded, so an overloaded server does not pay for decoding what it
         refuses, and again when they are queued. `within_s` narrows the budget to the time the request has left.
         """
         if not self._accepting:
-            raise InputError(503, "shutting_down", "the server is shutting down; retry on another instance")
+            raise UnavailableError("shutting_down", "the server is shutting down; retry on another instance")
         self._check_room(count)
         self._check_time(count, within_s)
 
@@ -148,7 +169,7 @@ class Batcher:
         if excess > 0:
             # room is made at the measured rate; before it is known, retrying soon is all that can be said
             rate = self.images_per_s()
-            raise OverloadError(
+            raise UnavailableError(
                 "queue_full",
                 f"the queue holds {self.queued_images} images; retry shortly",
                 _ceil(excess / rate if rate else 1),
@@ -165,7 +186,7 @@ class Batcher:
         budget_s = min(max(self.max_queue_delay_s, 2 * self.max_batch_size / rate), within_s)
         wait = (self.queued_images + self.computing_images + count) / rate
         if wait > budget_s:
-            raise OverloadError(
+            raise UnavailableError(
                 "overloaded",
                 f"these images would be answered in about {wait:.1f} s, past the {budget_s:.1f} s this server allows",
                 _ceil(wait - budget_s),  # once that much work is done, a request like this one fits again
@@ -190,9 +211,7 @@ class Batcher:
         if pending in self._queue:  # not dispatched yet: its images are never computed
             self._queue.remove(pending)
             self.queued_images -= len(pending.images)
-        pending.future.set_exception(
-            InputError(504, "timeout", f"no answer within {timeout_s:g} s; the server is overloaded")
-        )
+        pending.future.set_exception(DeadlineExceededError(timeout_s))
 
     async def _dispatch_forever(self) -> None:
         while True:
@@ -229,8 +248,8 @@ class Batcher:
         # batch): the rate the queue drains at is what admission needs, not only the model's speed.
         started = dispatched if self._busy_since is None else self._busy_since
         size = sum(len(p.images) for p in batch)
-        self.on_batch(size, dispatched - batch[0].enqueued_at)
         self.computing_images, self._computing_since = size, started
+        output: BatchOutput | None = None
         try:
             output = await self._run_batch([p.images for p in batch], [p.stream for p in batch])
         except Exception as error:  # every request of the batch hears about it; the loop goes on
@@ -242,6 +261,8 @@ class Batcher:
             self.computing_images, self._computing_since = 0, None
             ended = time.monotonic()
             self._busy_since = ended if self._queue else None
+            if self._recorder is not None:  # here, not per request: a request may have timed out meanwhile
+                self._recorder.record_batch(size, dispatched - batch[0].enqueued_at, output)
         self.throughput.observe(size, ended - started)
         offset = 0
         for pending in batch:

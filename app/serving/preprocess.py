@@ -38,12 +38,25 @@ Image.MAX_IMAGE_PIXELS = None
 warnings.filterwarnings("ignore", message="Palette images with Transparency", module="PIL")
 
 
-class InputError(Exception):
-    """A request the service refuses; maps to one JSON error response."""
+class DecodeRefusedError(Exception):
+    """Images the decoder will not decode. `code` names the reason, stable for clients; `detail` says it in a
+    sentence. What a refusal is in HTTP is the API's to say (app/api/errors.py), by the subclass."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str) -> None:
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.code, self.detail = code, detail
+
+
+class UnreadableImageError(DecodeRefusedError):
+    """Empty, not an image, or corrupt: `empty_image`, `invalid_image`."""
+
+
+class UnsupportedFormatError(DecodeRefusedError):
+    """An image in a format outside ACCEPTED_FORMATS: `unsupported_image_format`."""
+
+
+class ImageLimitError(DecodeRefusedError):
+    """Past a limit of ImageLimits: `image_too_large` (bytes), `too_many_pixels`."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +74,7 @@ def decode_all(
         images = [stack.enter_context(_open(name, data, resize or size, limits)) for name, data in files]
         to_decode = sum(image.width * image.height for image in images)
         if to_decode > limits.max_request_pixels:
-            raise InputError(
-                413,
+            raise ImageLimitError(
                 "too_many_pixels",
                 f"the request's {len(files)} images hold {to_decode} pixels to decode; the limit per request is "
                 f"{limits.max_request_pixels}: send fewer or smaller images per request",
@@ -74,27 +86,25 @@ def decode_all(
 def _open(name: str, data: bytes, size: int, limits: ImageLimits) -> Image.Image:
     """The image with only its header read, checked against the per-image limits."""
     if not data:
-        raise InputError(400, "empty_image", f"image {name!r} is empty (0 bytes)")
+        raise UnreadableImageError("empty_image", f"image {name!r} is empty (0 bytes)")
     if len(data) > limits.max_image_bytes:
-        raise InputError(
-            413, "image_too_large", f"image {name!r} is {len(data)} bytes; the limit is {limits.max_image_bytes}"
+        raise ImageLimitError(
+            "image_too_large", f"image {name!r} is {len(data)} bytes; the limit is {limits.max_image_bytes}"
         )
     try:
         image = Image.open(io.BytesIO(data))
     except Exception as error:  # Pillow's plugins raise many types on bad headers; every one means "not an image"
-        raise InputError(400, "invalid_image", f"file {name!r} is not an image this server can read") from error
+        raise UnreadableImageError("invalid_image", f"file {name!r} is not an image this server can read") from error
     if image.format not in ACCEPTED_FORMATS:
         image.close()
-        raise InputError(
-            415,
+        raise UnsupportedFormatError(
             "unsupported_image_format",
             f"image {name!r} is {image.format}; accepted formats are {', '.join(ACCEPTED_FORMATS)}",
         )
     width, height = image.size
     if width * height > limits.max_image_pixels:
         image.close()
-        raise InputError(
-            413,
+        raise ImageLimitError(
             "too_many_pixels",
             f"image {name!r} is {width}x{height} = {width * height} pixels; the limit is {limits.max_image_pixels}",
         )
@@ -103,7 +113,7 @@ def _open(name: str, data: bytes, size: int, limits: ImageLimits) -> Image.Image
             image.draft("RGB", (size, size))  # the largest reduction that keeps both sides >= size
         except Exception as error:
             image.close()
-            raise InputError(400, "invalid_image", f"image {name!r} is a JPEG this server cannot read") from error
+            raise UnreadableImageError("invalid_image", f"image {name!r} is a JPEG this server cannot read") from error
     return image
 
 
@@ -113,8 +123,8 @@ def _pixels(name: str, image: Image.Image) -> torch.Tensor:
         image.load()
         rgb = image if image.mode == "RGB" else image.convert("RGB")
     except Exception as error:  # truncated or corrupt data, a decoder error: the request's fault, never the server's
-        raise InputError(
-            400, "invalid_image", f"image {name!r} is corrupt or truncated and cannot be decoded"
+        raise UnreadableImageError(
+            "invalid_image", f"image {name!r} is corrupt or truncated and cannot be decoded"
         ) from error
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
