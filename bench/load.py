@@ -204,9 +204,12 @@ def check_loopback(url: str) -> None:
     raise ValueError(f"refusing to send load to {host!r}: only loopback addresses (127.0.0.0/8, ::1) are allowed")
 
 
-async def _send(client: httpx.AsyncClient, target: str, body: tuple[str, bytes]) -> int | str:
+async def _send(
+    client: httpx.AsyncClient, target: str, body: tuple[str, bytes], stream: str | None = None
+) -> int | str:
+    headers = {"content-type": body[0], **({"X-TTA-Stream": stream} if stream else {})}
     try:
-        response = await client.post(target, content=body[1], headers={"content-type": body[0]})
+        response = await client.post(target, content=body[1], headers=headers)
         await response.aread()
         return response.status_code
     except httpx.HTTPError as error:
@@ -253,8 +256,10 @@ async def closed_loop(
     duration_s: float,
     timeout_s: float = 30.0,
     path: str = "/predict",
+    streams: int = 0,
 ) -> tuple[list[float], Counter, float, str]:
     """`concurrency` clients back to back; stops issuing at `max_requests` or `duration_s`, whichever first.
+    With `streams`, client k sends its requests in stream `stream-{k % streams}` (X-TTA-Stream).
 
     Returns (latencies of 2xx answers in s, statuses, elapsed s, what stopped it).
     """
@@ -266,8 +271,9 @@ async def closed_loop(
     start = time.perf_counter()
     deadline = start + duration_s
 
-    async def one_client() -> None:
+    async def one_client(k: int) -> None:
         nonlocal issued
+        stream = f"stream-{k % streams}" if streams else None
         async with _client(timeout_s) as client:
             while issued < max_requests:
                 if time.perf_counter() >= deadline:
@@ -276,9 +282,9 @@ async def closed_loop(
                 body = bodies[issued % len(bodies)]
                 issued += 1
                 sent = time.perf_counter()
-                _tally(await _send(client, target, body), sent, statuses, latencies)
+                _tally(await _send(client, target, body, stream), sent, statuses, latencies)
 
-    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    await asyncio.gather(*(one_client(k) for k in range(concurrency)))
     return latencies, statuses, time.perf_counter() - start, stopped["by"]
 
 
@@ -365,6 +371,7 @@ def run_load(
     data: Path | str = DEFAULT_DATA,
     images: list[tuple[str, bytes]] | None = None,
     seed: int = 0,
+    streams: int = 0,
 ) -> LoadReport:
     """One bounded run (closed loop when `closed` is given, open loop when `rate` is) and its report."""
     if (closed is None) == (rate is None):
@@ -388,16 +395,17 @@ def run_load(
         "duration_s": duration_s,
         "timeout_s": timeout_s,
         "warmup": warmup,
+        "streams": streams,
     }
     if warmup:
-        asyncio.run(closed_loop(url, bodies, closed or 8, warmup, max(duration_s, 10.0), timeout_s, path))
+        asyncio.run(closed_loop(url, bodies, closed or 8, warmup, max(duration_s, 10.0), timeout_s, path, streams))
     with httpx.Client(trust_env=False) as sync_client:
         before = scrape_batch_stats(sync_client, url, metrics_path)
         cpu = time.process_time()
         lag = None
         if closed is not None:
             latencies, statuses, elapsed, stopped = asyncio.run(
-                closed_loop(url, bodies, closed, requests, duration_s, timeout_s, path)
+                closed_loop(url, bodies, closed, requests, duration_s, timeout_s, path, streams)
             )
         else:
             args["max_in_flight"] = max_in_flight
