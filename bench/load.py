@@ -382,6 +382,8 @@ def run_load(
         raise ValueError("open-loop rate must be > 0")
     if requests < 1 or duration_s <= 0:
         raise ValueError("requests must be >= 1 and duration > 0: every run is bounded")
+    if streams and closed is None:
+        raise ValueError("streams are for the closed loop only")
     check_loopback(url)
     images = images if images is not None else load_jpegs(data, limit=max(1000, 256 * images_per_request), seed=seed)
     bodies = build_bodies(images, images_per_request)
@@ -460,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-in-flight", type=int, default=512, help="open loop: outstanding requests cap")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="zip of test/<class>/NNNN.jpg")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--streams", type=int, default=0, help="closed loop: client k sends in stream k mod N")
     parser.add_argument("--json", type=Path, help="write the report here as JSON")
     args = parser.parse_args(argv)
     try:
@@ -477,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             max_in_flight=args.max_in_flight,
             data=args.data,
             seed=args.seed,
+            streams=args.streams,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
