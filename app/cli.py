@@ -16,6 +16,7 @@ from app.config import Settings, is_loopback
 from app.model_cli import add_model_commands
 from app.predict_cli import add_predict_command
 from app.serving.http_timeouts import with_read_timeouts
+from app.status_cli import add_status_command
 from models.card import ModelError, check_model_file, one_line
 
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     flags = settings_flags(serve)
     add_model_commands(commands)
     add_predict_command(commands)
+    add_status_command(commands)
     args = parser.parse_args(argv)
     if args.command != "serve":
         args.run(args)

@@ -1,9 +1,10 @@
-"""app/client.py and `tta predict` against a real `tta serve`: typed results, batching, labels, feedback, API key and
-admin token, bounded retries on 503. Only what a server cannot be made to do on cue (a 503 then a 200, and the
-headers as sent) is checked against httpx's mock transport."""
+"""app/client.py, `tta predict` and `tta status` against a real `tta serve`: typed results, batching, labels,
+feedback, API key and admin token, bounded retries on 503. Only what a server cannot be made to do on cue (a 503
+then a 200, and the headers as sent) is checked against httpx's mock transport."""
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -198,11 +199,15 @@ def test_headers_sent() -> None:
     assert reset.url.params["stream"] == "north"
 
 
-def tta_predict(*args: str, key: str | None = API_KEY) -> subprocess.CompletedProcess:
+def tta_command(command: str, *args: str, key: str | None = API_KEY) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", **({"TTA_CLIENT_API_KEY": key} if key else {})}
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", "predict", *args], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "app.cli", command, *args], cwd=ROOT, env=env, capture_output=True, text=True
     )
+
+
+def tta_predict(*args: str, key: str | None = API_KEY) -> subprocess.CompletedProcess:
+    return tta_command("predict", *args, key=key)
 
 
 def test_tta_predict_command(server: str, tmp_path: Path) -> None:
@@ -223,4 +228,33 @@ def test_tta_predict_command(server: str, tmp_path: Path) -> None:
     refused = tta_predict("--url", server, str(paths[0]), key=None)
     assert refused.returncode == 1 and "401 unauthorized" in refused.stderr
     unreachable = tta_predict("--url", f"http://127.0.0.1:{free_port()}", str(paths[0]))
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+def test_tta_status_command(server: str, client: TTAClient) -> None:
+    client.predict(images(2), labels=[1, 2])
+    client.predict(images(3), stream="status-cam")
+    client.reset("status-cam")
+    done = tta_command("status", "--url", server, key=None)  # /v1/status and /v1/streams need no credentials
+    streams, status = client.streams(), client.status()
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    model = f"cifar10_resnet20.safetensors ({status.model['architecture']}, 10 classes)"
+    assert lines[0].startswith(f"{server}  none on cpu  {model}  up ")
+    assert f"queue 0 of {QUEUE_IMAGES} images" in lines[1]
+    adapted = status.prequential["adapted"]
+    assert lines[2].startswith(f"prequential: adapted {adapted['accuracy']:.1%} of {adapted['labels']} labels")
+    assert lines[3] == f"streams {len(streams.streams)} of 1024 (0 evicted)"
+    start = lines.index("") + 1
+    cells = [re.split(r" {2,}", line.strip()) for line in lines[start:]]  # cells are two or more spaces apart
+    columns = ["STREAM", "STEPS", "SINCE RESET", "RESETS", "SKIPPED", "ENTROPY", "DRIFT", "BUFFER", "LABELS"]
+    assert cells[0] == [*columns, "ADAPTED"]  # and SOURCE with the shadow
+    rows = {row[0]: row for row in cells[1:]}
+    assert set(rows) == {s.stream for s in streams.streams}
+    camera = next(s for s in streams.streams if s.stream == "status-cam")
+    assert rows["status-cam"][1:4] == [str(camera.steps_total), "0", "1 (manual 1)"]
+    assert rows["status-cam"][-2:] == ["0", "-"]  # no labels in that stream
+    default = next(s for s in streams.streams if s.stream == "default").prequential["adapted"]
+    assert rows["default"][-2:] == [str(default["labels"]), f"{default['accuracy']:.1%}"]
+    unreachable = tta_command("status", "--url", f"http://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
