@@ -67,9 +67,9 @@ async def test_a_batch_is_recorded_once_when_its_first_request_timed_out(anyio_b
     metrics = ServiceMetrics()
     batcher = Batcher(model, 8, 0.05, max_queue_images=64, max_queue_delay_s=5, recorder=metrics)
     batcher.start()
-    first = asyncio.create_task(batcher.submit(torch.zeros(2, 3, 4, 4), timeout_s=0.2, stream="a"))
+    first = asyncio.create_task(batcher.submit(torch.zeros(2, 3, 4, 4), timeout_s=1, stream="a"))
     second = asyncio.create_task(batcher.submit(torch.zeros(3, 3, 4, 4), timeout_s=5, stream="b"))
-    await asyncio.sleep(0.4)  # one batch of both dispatched at 0.05 s; the first request's time ran out at 0.2 s
+    await asyncio.sleep(1.3)  # one batch of both dispatched at 0.05 s; the first request's time ran out at 1 s
     release.set()
     with pytest.raises(DeadlineExceededError):
         await first
