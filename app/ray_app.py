@@ -17,8 +17,9 @@ requests wait, and its own admission answers 503), and when a replica is added o
 first choice changed move (1/N of them).
 
 A stream that moves (its replica removed or dead, or a new replica now its first choice) starts from the source on
-its new replica, like an evicted stream; the ingress counts it (`tta_ray_stream_moves_total`). Its old state is not
-carried over (each replica's snapshots, TTA_STATE_DIR, are its own; the Ray app does not use them).
+its new replica, like an evicted stream; it is counted (`tta_ray_stream_moves_total`) in the application's table of
+where each stream was served last (`Placements`, a named Ray actor). Its old state is not carried over (each
+replica's snapshots, TTA_STATE_DIR, are its own; the Ray app does not use them).
 
 Prediction ids: the ingress answers `<stream>/<id>` (a stream name has no `/`), so `/feedback` reaches the replica
 that made the prediction without any table. `/reset` without `?stream`, `/v1/status`, `/v1/streams`, `/readyz` and
@@ -37,8 +38,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client import Counter as PromCounter
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -52,7 +52,11 @@ from app.main import create_app
 
 REPLICA_HEADER = "X-TTA-Replica"  # on every answer that one replica made: which one
 ID_SEPARATOR = "/"  # between the stream and the replica's own prediction id; never in a stream name
-MAX_PLACEMENTS = 1 << 20  # streams whose last replica the ingress remembers, to count moves
+MAX_PLACEMENTS = 1 << 20  # streams whose last replica is remembered, to count moves
+MOVES_HELP = (
+    "streams served by another replica than their last (theirs removed, dead or outranked by a new one): they start "
+    "again from the source there"
+)
 HOP_HEADERS = {b"host", b"content-length", b"connection", b"transfer-encoding"}
 
 
@@ -162,9 +166,9 @@ def _sum_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
     return dict(total)
 
 
-def with_replica_label(expositions: dict[str, str]) -> bytes:
-    """Every replica's Prometheus exposition as one, each sample labelled with its replica."""
-    families: dict[str, Metric] = {}
+def with_replica_label(expositions: dict[str, str], own: list[Metric]) -> bytes:
+    """Every replica's Prometheus exposition as one, each sample labelled with its replica, and the ingress's own."""
+    families: dict[str, Metric] = {family.name: family for family in own}
     for replica, text in expositions.items():
         for family in text_string_to_metric_families(text):
             merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
@@ -218,6 +222,42 @@ class StreamReplica:
         await self.lifespan.__aexit__(None, None, None)  # drains the batcher, last snapshot, stops the worker
 
 
+# ----- where each stream was served last: one table for the application -----
+
+
+class Placements:
+    """Which replica served each stream last, for the whole application (one named Ray actor, so that the count
+    survives an ingress's restart and covers every ingress replica): a stream served by another replica than its
+    last has moved, and started again from the source there."""
+
+    def __init__(self, limit: int = MAX_PLACEMENTS) -> None:
+        self.last: OrderedDict[str, str] = OrderedDict()
+        self.limit = limit
+        self.moves = 0
+
+    def record(self, stream: str, replica: str) -> None:
+        last = self.last.get(stream)
+        if last is not None and last != replica:
+            self.moves += 1
+        self.last[stream] = replica
+        self.last.move_to_end(stream)
+        if len(self.last) > self.limit:
+            self.last.popitem(last=False)
+
+    def moved(self) -> int:
+        return self.moves
+
+
+def placements_table(app_name: str) -> Any:
+    """The application's Placements actor, created by the first ingress replica that asks."""
+    import ray
+
+    table = ray.remote(num_cpus=0)(Placements)
+    return table.options(
+        name=f"tta-placements-{app_name}", namespace="serve", get_if_exists=True, lifetime="detached"
+    ).remote()
+
+
 # ----- the ingress: one service in front of the replicas -----
 # Ray Serve pickles a deployment's class when it is decorated: what its methods use is defined above it.
 
@@ -245,14 +285,8 @@ class Ingress:
     def __init__(self, replicas: DeploymentHandle, settings: Settings | None = None) -> None:
         self.replicas = replicas
         self.settings = settings or Settings()
-        self.placements: OrderedDict[str, str] = OrderedDict()  # stream -> the replica that served it last
-        self.registry = CollectorRegistry()
-        self.moves = PromCounter(
-            "tta_ray_stream_moves",
-            "streams that reached another replica than their last one (its replica removed, dead or outranked by a "
-            "new one): they start again from the source there",
-            registry=self.registry,
-        )
+        self.placements = placements_table(serve.get_replica_context().app_name)
+        self.seen: OrderedDict[str, str] = OrderedDict()  # what this ingress told the table last, per stream
 
     async def one(self, forwarded: Forwarded, stream: str | None) -> Answer:
         handle = self.replicas.options(multiplexed_model_id=stream) if stream else self.replicas
@@ -265,13 +299,14 @@ class Ingress:
         return sorted(await self.replicas.broadcast("call", forwarded).results_async(), key=lambda a: a.replica)
 
     def placed(self, stream: str, replica: str) -> None:
-        last = self.placements.get(stream)
-        if last is not None and last != replica:
-            self.moves.inc()
-        self.placements[stream] = replica
-        self.placements.move_to_end(stream)
-        if len(self.placements) > MAX_PLACEMENTS:
-            self.placements.popitem(last=False)
+        """Tell the table when this ingress has not seen the stream on this replica (no answer awaited: the table's
+        calls from one caller run in order)."""
+        if self.seen.get(stream) != replica:
+            self.placements.record.remote(stream, replica)
+        self.seen[stream] = replica
+        self.seen.move_to_end(stream)
+        if len(self.seen) > MAX_PLACEMENTS:
+            self.seen.popitem(last=False)
 
     @api.post("/predict")
     async def predict(self, request: Request) -> Response:
@@ -347,11 +382,8 @@ class Ingress:
         answers = await self.every(Forwarded.of(request))
         if refused := next((a for a in answers if a.status != 200), None):
             return refused.response()
-        return JSONResponse(
-            aggregate_status(
-                {a.replica: a.json() for a in answers}, self.registry.get_sample_value("tta_ray_stream_moves_total")
-            )
-        )
+        moves = await self.placements.moved.remote()
+        return JSONResponse(aggregate_status({a.replica: a.json() for a in answers}, moves))
 
     @api.get("/readyz")
     async def readyz(self, request: Request) -> Response:
@@ -365,7 +397,8 @@ class Ingress:
     @api.get("/metrics")
     async def metrics(self, request: Request) -> Response:
         answers = await self.every(Forwarded.of(request))
-        text = with_replica_label({a.replica: a.body.decode() for a in answers}) + generate_latest(self.registry)
+        moves = CounterMetricFamily("tta_ray_stream_moves", MOVES_HELP, value=await self.placements.moved.remote())
+        text = with_replica_label({a.replica: a.body.decode() for a in answers}, [moves])
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])

@@ -5,6 +5,7 @@ CIFAR-10 test JPEGs. Slow (Ray's start and two replicas loading torch: about a m
 import asyncio
 import io
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -41,7 +42,14 @@ def ray_or_skip() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def cluster(model_path: Path) -> Iterator[str]:
+def deployed(model_path: Path) -> Settings:
+    """The replicas' settings: the same object when the application is deployed again (a changed replica count
+    then scales the running replicas instead of replacing them)."""
+    return Settings(model=model_path, **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def cluster(deployed: Settings) -> Iterator[str]:
     """The Ray Serve application on a local cluster of 2 CPUs (one per replica); yields its base URL."""
     ray = ray_or_skip()
     from ray import serve
@@ -52,7 +60,7 @@ def cluster(model_path: Path) -> Iterator[str]:
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build(Settings(model=model_path, **SETTINGS), replicas=2), name="tta", route_prefix="/")
+        serve.run(build(deployed, replicas=2), name="tta", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -199,3 +207,42 @@ def test_the_config_files_are_serve_configs_ray_accepts() -> None:
                 assert set(deployment.autoscaling_config) <= set(AutoscalingConfig.model_fields)
                 AutoscalingConfig.model_validate(deployment.autoscaling_config)
     assert app_builder({}) is not None and app_builder({"replicas": "3"}) is not None
+
+
+def test_a_removed_replicas_streams_move_start_from_the_source_and_are_counted(
+    cluster: str, deployed: Settings, jpeg_images: list[tuple[str, bytes, int]]
+) -> None:
+    """Last: it scales the application down to one replica."""
+    from ray import serve
+
+    from app.ray_app import build
+
+    one_per_class = jpeg_images[::4][:IMAGES]  # 8 classes: the class-balance guard lets each request step
+    files = [("files", (f"{i}.jpg", jpeg, "image/jpeg")) for i, (_, jpeg, _) in enumerate(one_per_class)]
+
+    def predict(stream: str) -> httpx.Response:
+        answer = httpx.post(f"{cluster}/predict", files=files, headers={"X-TTA-Stream": stream}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer
+
+    streams, replicas = list(STREAMS), {predict(s).headers["x-tta-replica"] for s in STREAMS}
+    while len(replicas) < 2 and len(streams) < 64:  # so that the removed replica surely holds a stream
+        streams.append(f"probe-{len(streams)}")
+        replicas.add(predict(streams[-1]).headers["x-tta-replica"])
+    assert len(replicas) == 2
+    before = {e["stream"]: e for e in httpx.get(f"{cluster}/v1/streams", timeout=30).json()["streams"]}
+
+    serve.run(build(deployed, replicas=1), name="tta", route_prefix="/")
+    deadline = time.monotonic() + 60
+    while len((status := httpx.get(f"{cluster}/v1/status", timeout=30).json())["replicas"]) > 1:
+        assert time.monotonic() < deadline, "the ingress still sees 2 replicas a minute after the scale-down"
+        time.sleep(0.5)
+    (survivor,) = status["replicas"]
+    assert all(predict(s).headers["x-tta-replica"] == survivor for s in streams)
+    after = {e["stream"]: e for e in httpx.get(f"{cluster}/v1/streams", timeout=30).json()["streams"]}
+    moved = [s for s in streams if before[s]["replica"] != survivor]
+    for stream in streams:  # moved: from the source; stayed: its state goes on
+        assert after[stream]["steps_total"] == (1 if stream in moved else before[stream]["steps_total"] + 1), stream
+    counted = httpx.get(f"{cluster}/v1/status", timeout=30).json()["routing"]["stream_moves"]
+    exposition = httpx.get(f"{cluster}/metrics", timeout=30).text
+    assert counted == metric_value(exposition, "tta_ray_stream_moves_total") == len(moved) > 0
