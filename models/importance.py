@@ -16,11 +16,11 @@ regression's log-loss is a proper scoring rule, so its p is calibrated, as w = (
 with torch's L-BFGS (no other dependency), with cross-fitting: each image's p comes from a classifier trained on
 the other folds, so a source image is not weighted by a classifier that memorised it, and the AUC is held out.
 
-The weights are normalised to mean 1 over the source, clipped at `max_weight` (a few images with p near 0 would
-otherwise carry the whole loss), and normalised again. When the classifier separates the domains almost perfectly
-(held-out AUC above SEPARABLE_AUC) or the effective sample size (sum w)^2 / sum w^2 falls below LOW_ESS_FRACTION
-of the source, the support assumption fails: the target lies outside the source, a few source images get all the
-weight, and the weighted loss estimates nothing.
+The weights are normalised to mean 1 over the source and clipped at `max_weight` (a few images with p near 0 would
+otherwise carry the whole loss): min(w, t) / mean(min(w, t)) with t chosen so that the largest is `max_weight`.
+When the classifier separates the domains almost perfectly (held-out AUC above SEPARABLE_AUC) or the effective
+sample size (sum w)^2 / sum w^2 falls below LOW_ESS_FRACTION of the source, the support assumption fails: the
+target lies outside the source, a few source images get all the weight, and the weighted loss estimates nothing.
 """
 
 import logging
@@ -160,15 +160,26 @@ def domain_probabilities(
 def importance_weights(
     source: torch.Tensor, target: torch.Tensor, max_weight: float = 10.0, seed: int = 0
 ) -> ImportanceWeights:
-    """w = (1 - p) / p * n_s / n_t per source row of features, normalised to mean 1, clipped, normalised again."""
+    """w = (1 - p) / p * n_s / n_t per source row of features, clipped and normalised to mean 1 (clip_normalised)."""
     p, held_out_auc = domain_probabilities(source, target, seed=seed)
     p = p.clamp(1e-6, 1 - 1e-6)
     raw = (1 - p) / p * (len(source) / len(target))
-    weights = raw / raw.mean()
-    clipped = int((weights > max_weight).sum())
-    weights = weights.clamp(max=max_weight)
-    weights = weights / weights.mean()
+    weights, clipped = clip_normalised(raw.double(), max_weight)
     return ImportanceWeights(weights, p, float(raw.mean()), held_out_auc, len(source), len(target), clipped, max_weight)
+
+
+def clip_normalised(raw: torch.Tensor, max_weight: float) -> tuple[torch.Tensor, int]:
+    """Weights of mean 1 and at most `max_weight`, and how many were clipped: min(raw, t) / mean(min(raw, t)), the
+    threshold t found by bisection (t / mean(min(raw, t)) grows with t). Clipping first and normalising after would
+    lift the clipped weights past the bound again when most of the weight is cut off."""
+    if raw.max() / raw.mean() <= max_weight:
+        return raw / raw.mean(), 0
+    low, high = float(raw.min()), float(raw.max())
+    for _ in range(100):
+        t = (low + high) / 2
+        low, high = (t, high) if t / float(raw.clamp(max=t).mean()) < max_weight else (low, t)
+    clipped = raw.clamp(max=low)
+    return clipped / clipped.mean(), int((raw > low).sum())
 
 
 def write_histogram(result: ImportanceWeights, path: Path, title: str) -> bool:
