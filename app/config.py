@@ -1,18 +1,15 @@
 """Every setting of the service, read from environment variables prefixed `TTA_` (e.g. TTA_PORT=9000)."""
 
 import ipaddress
-import math
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
 
+from app.adaptation.config import AdaptationConfig
 from models.card import ForeignModel
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default" / "cifar10_resnet20.safetensors"
-
-Method = Literal["none", "norm", "tent"]
 
 
 def is_loopback(host: str) -> bool:
@@ -26,7 +23,7 @@ def is_loopback(host: str) -> bool:
 
 
 # ForeignModel: arch, arch_kwargs, classes, input_size, resize, mean, std, to import a foreign TTA_MODEL at start.
-class Settings(BaseSettings, ForeignModel):
+class Settings(BaseSettings, ForeignModel, AdaptationConfig):
     # hide_input_in_errors: a refused TTA_ADMIN_TOKEN must not be echoed into the log by its error message.
     model_config = SettingsConfigDict(
         env_prefix="TTA_", frozen=True, protected_namespaces=(), hide_input_in_errors=True
@@ -103,99 +100,14 @@ class Settings(BaseSettings, ForeignModel):
     max_streams: int = Field(
         1024, ge=1, le=1_000_000, description="streams adapted at once; beyond, the least recently used is evicted"
     )
+    # Capture (app/serving/capture.py; README, "Capture"): the disk holds at most max_streams x max_images images.
+    capture_dir: Path | None = Field(None, description="keep a uniform sample of served images here; unset = off")
+    capture_max_images: int = Field(1000, ge=1, description="images kept per stream (a reservoir sample)")
+    capture_max_streams: int = Field(16, ge=1, description="streams captured; images of further streams are not")
 
-    # --- adaptation (see README, "Methods and guards") ---
-    method: Method = Field(
-        "tent", description="none (frozen), norm (test statistics), tent (test statistics + entropy step)"
-    )
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="optimiser of the entropy step")
-    lr: float = Field(1e-3, gt=0, le=10, description="learning rate of the entropy step")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    steps_per_batch: int = Field(1, ge=1, le=100, description="entropy steps per adaptation batch")
-    stats_horizon: int = Field(
-        2560, ge=1, description="images over which the class-balanced test statistics average (small-batch guard)"
-    )
-    guard_reliable: bool = Field(True, description="adapt only on samples with entropy < reliable_entropy * ln C")
-    reliable_entropy: float = Field(0.4, gt=0, le=1, description="the reliable-sample threshold, as a fraction of ln C")
-    guard_reweight: bool = Field(
-        True, description="weight each sample's entropy by 1 / the recent share of its predicted class (DELTA)"
-    )
-    guard_balance: bool = Field(
-        True, description="no step on a batch whose predictions concentrate on few classes (class-sorted traffic)"
-    )
-    balance_entropy: float = Field(
-        0.6,
-        ge=0,
-        le=1,
-        description="no step when the entropy of the batch's predicted classes is below this * ln min(C, batch size)",
-    )
-    guard_min_batch: bool = Field(True, description="never normalise or step on a batch smaller than min_batch alone")
-    min_batch: int = Field(
-        64,
-        ge=1,
-        le=4096,
-        description="images per entropy step: smaller batches are buffered until this many have been predicted",
-    )
-    # Poisoning within a stream (docs/reliability/poisoning.md): what the class-balanced statistics and the entropy
-    # step admit. Noise far from anything the model was trained on is held back; while one class takes most of the
-    # recent predictions (a flood of one class, or a collapse), no class's statistics may run ahead of the others'.
-    guard_plausible: bool = Field(
-        True,
-        description="an image joins the class-balanced statistics, and the entropy step, only if its features are "
-        "within plausible_distance of the source's",
-    )
-    plausible_distance: float = Field(
-        0.4,
-        gt=0,
-        description="the most an image's mean squared source-normalised feature distance may be (over every channel "
-        "of every BatchNorm layer: (image's channel mean - source mean)^2 / source variance)",
-    )
-    guard_class_pace: bool = Field(
-        True,
-        description="while one class takes class_pace_trigger of the recent predictions, an image joins the "
-        "class-balanced statistics, and the entropy step, only if its class's stay within class_pace_margin of "
-        "the median class's freshness",
-    )
-    class_pace_trigger: float = Field(
-        0.67,
-        gt=0,
-        le=1,
-        description="share of the recent predictions (diversity_window) one class must take for the pace to bind",
-    )
-    class_pace_margin: float = Field(
-        0.05,
-        gt=0,
-        le=1,
-        description="how far one class's statistics may be fresher than the median class's (share of the moments "
-        "brought by the last stats_horizon images)",
-    )
-    guard_grad_clip: bool = Field(True, description="clip the gradient norm of the adapted parameters")
-    grad_clip_norm: float = Field(1.0, gt=0, description="the norm gradients are clipped to")
-    guard_nonfinite: bool = Field(True, description="roll back a step with a non-finite loss, gradient or parameter")
-    guard_collapse: bool = Field(True, description="reset when the entropy EMA or the prediction diversity collapses")
-    collapse_entropy: float = Field(0.02, ge=0, le=1, description="reset when the entropy EMA falls below this * ln C")
-    entropy_ema_decay: float = Field(
-        0.9, ge=0, lt=1, description="entropy EMA decay per min_batch images (the same average at any batch size)"
-    )
-    collapse_diversity: float = Field(
-        0.1,
-        ge=0,
-        le=1,
-        description="reset when the entropy of the mean prediction over the window falls below this * ln C",
-    )
-    diversity_window: int = Field(2048, ge=16, description="recent predictions the diversity check looks at")
-    guard_drift: bool = Field(True, description="reset when the adapted parameters drift too far from the source")
-    drift_max: float = Field(
-        0.5, gt=0, description="reset when ||theta - theta_source|| / ||theta_source|| passes this"
-    )
-    guard_anchor: bool = Field(True, description="after every step, pull the adapted parameters toward the source")
-    anchor_rate: float = Field(
-        0.01, gt=0, le=1, description="fraction of the way back to the source parameters after every step"
-    )
-    reset_every_steps: int = Field(0, ge=0, description="periodic reset; 0 = off")
+    # --- adaptation: AdaptationConfig's fields (app/adaptation/config.py; README, "Methods and guards") ---
 
     # --- evaluation ---
-    shadow_source: bool = Field(False, description="also predict with the frozen source model, for comparison")
     ledger_size: int = Field(100_000, ge=1, description="predictions remembered while waiting for a label")
     ledger_max_age_s: float = Field(3600.0, gt=0, description="seconds a prediction waits for its label at most")
     prequential_window: int = Field(1000, ge=1, description="labels in the tta_prequential_accuracy window")
@@ -244,32 +156,7 @@ class Settings(BaseSettings, ForeignModel):
         """The admission budget in seconds (TTA_MAX_QUEUE_DELAY_MS, by default a sixth of the request timeout)."""
         return self.max_queue_delay_ms / 1000 if self.max_queue_delay_ms is not None else self.request_timeout_s / 6
 
-    def reliable_threshold(self, num_classes: int) -> float:
-        return self.reliable_entropy * math.log(num_classes)
-
-    def balance_threshold(self, num_classes: int, batch_size: int) -> float:
-        # ln min(C, n), the most even histogram n predictions can make: against ln C alone, 64 predictions of 1,000
-        # classes pass 0.6 ln 1000 = 4.14 nats only when all 64 differ (ln 64 = 4.16), about one batch in eight.
-        return self.balance_entropy * math.log(min(num_classes, batch_size))
-
-    def guards(self) -> dict[str, bool]:
-        return {name: getattr(self, f"guard_{name}") for name in GUARDS}
-
-    def without_guards(self) -> "Settings":
-        """TENT as published: every guard off."""
-        return self.model_copy(update={f"guard_{name}": False for name in GUARDS})
-
-
-GUARDS = (
-    "reliable",
-    "reweight",
-    "balance",
-    "min_batch",
-    "plausible",
-    "class_pace",
-    "grad_clip",
-    "nonfinite",
-    "anchor",
-    "collapse",
-    "drift",
-)
+    @property
+    def adaptation(self) -> AdaptationConfig:
+        """The adaptation's configuration, what the engine takes."""
+        return self.adaptation_config()

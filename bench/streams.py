@@ -553,11 +553,11 @@ def inprocess(args: argparse.Namespace) -> None:
 # Functions whose cumulative time splits the 64-stream job into what it does (they do not nest in one another).
 PHASES = {
     "shared forward pass (mixed_forward)": ("norm.py", "mixed_forward"),
-    "entropy steps on buffered images (_buffer_and_maybe_adapt)": ("engine.py", "_buffer_and_maybe_adapt"),
-    "statistics commit per layer (commit_statistics)": ("norm.py", "commit_statistics"),
-    "rollback rows of the statistics (statistics_rows)": ("norm.py", "statistics_rows"),
-    "rollback point clone (_adaptable_state)": ("engine.py", "_adaptable_state"),
-    "collapse monitor and drift (_check_collapse_and_drift)": ("engine.py", "_check_collapse_and_drift"),
+    "entropy steps on buffered images (_buffer_and_maybe_step)": ("methods/tent.py", "_buffer_and_maybe_step"),
+    "statistics commit per layer (BatchMoments.commit)": ("adaptation/norm.py", "commit"),
+    "rollback rows of the statistics (BatchMoments.rows)": ("adaptation/norm.py", "rows"),
+    "rollback point clone (AdaptationState.checkpoint)": ("state.py", "checkpoint"),
+    "collapse monitor and drift (_after_batch)": ("methods/tent.py", "_after_batch"),
     "per-stream snapshots after the batch (StreamEngines.snapshots)": ("streams.py", "snapshots"),
     "output: softmax, top-k, lists (rest of ModelWorker._predict)": None,
 }
@@ -639,17 +639,17 @@ def engine_parts(engine: Any) -> dict[str, list[torch.Tensor]]:
     statistics = [
         b for m in engine.adapted.modules() if isinstance(m, TestTimeBatchNorm) for b in (m.class_mean, m.class_sqmean)
     ]
-    monitor = engine.monitor
+    monitor = engine.state.monitor
     return {
         "adapted parameters (norm weight and bias)": list(engine.params),
         "class-balanced statistics (2 moments x rows x channels)": statistics,
         "other tensors of the adapted copy": list(engine.adapted.parameters()) + list(engine.adapted.buffers()),
-        "_initial_state (reset point: parameters + statistics)": _nested_tensors(engine._initial_state),
-        "_source_params (anchor)": list(engine._source_params),
-        "optimizer state (Adam exp_avg, exp_avg_sq)": _nested_tensors(engine.optimizer.state_dict()["state"])
-        if engine.optimizer is not None
+        "_initial_state (reset point: parameters + statistics)": _nested_tensors(engine.shared.initial),
+        "_source_params (anchor)": list(engine.shared.source_params),
+        "optimizer state (Adam exp_avg, exp_avg_sq)": _nested_tensors(engine.state.optimizer.state_dict()["state"])
+        if engine.state.optimizer is not None
         else [],
-        "small-batch buffer": list(engine._buffer),
+        "small-batch buffer": [t for x, mask in engine.state.buffer for t in (x, mask) if t is not None],
         "collapse monitor (window of per-batch probability sums)": [s for s, _ in monitor._probability_sums]
         + [monitor._window_sum],
     }
@@ -708,7 +708,7 @@ def measure_model(
         engine = AdaptationEngine(source, num_classes, settings, torch.device("cpu"))
         for _ in range(2):  # two full batches: Adam's state exists, statistics and parameters moved
             engine.step(torch.randn(settings.min_batch, 3, step_size, step_size, generator=generator))
-        if engine.stats.steps_since_reset != 2 or not engine.optimizer.state:
+        if engine.stats.steps_since_reset != 2 or not engine.state.optimizer.state:
             raise RuntimeError(f"{name}: the two entropy steps did not happen ({engine.snapshot()['skipped']})")
         return engine
 
@@ -723,12 +723,12 @@ def measure_model(
     trimmed_per_stream = (trimmed_rss_bytes() - trimmed_before) / rss_streams
     engine = kept[-1]
     for _ in range(settings.diversity_window // settings.min_batch):  # the window full of 64-image batches
-        engine.monitor.observe(torch.randn(settings.min_batch, num_classes, generator=generator), torch.zeros(1))
+        engine.state.monitor.observe(torch.randn(settings.min_batch, num_classes, generator=generator), torch.zeros(1))
     at_rest = state_breakdown(engine, source)
     # worst case: 2,048 single-image batches fill the diversity window with one entry each, then 63 images buffered
     for _ in range(settings.diversity_window):
-        engine.monitor.observe(torch.randn(1, num_classes, generator=generator), torch.zeros(1))
-    engine._buffer.clear()
+        engine.state.monitor.observe(torch.randn(1, num_classes, generator=generator), torch.zeros(1))
+    engine.state.buffer.clear()
     engine.step(torch.randn(settings.min_batch - 1, 3, input_size, input_size, generator=generator))
     worst = state_breakdown(engine, source)
     shared = at_rest.pop("_shared_source_storages")

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from app.adaptation import norm
-from app.adaptation.engine import COLLAPSE_WARMUP_STEPS, AdaptationEngine
-from app.adaptation.guards import CollapseMonitor, paced_admission, softmax_entropy
+from app.adaptation.engine import AdaptationEngine
+from app.adaptation.guards import COLLAPSE_WARMUP_STEPS
+from app.adaptation.signals import CollapseMonitor, paced_admission, softmax_entropy
 from app.adaptation.streams import StreamEngines
 from app.config import Settings
 from app.serving.worker import ModelWorker
@@ -74,15 +75,20 @@ def adaptable_tensors(e: AdaptationEngine) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in e.adapted.state_dict().items()}
 
 
+def class_weights(e: AdaptationEngine, logits: torch.Tensor) -> torch.Tensor:
+    """Each sample's weight in the entropy loss, as the engine's guards give it."""
+    return e.shared.guards.weights(e.state, logits)
+
+
 def assert_same_state(a: AdaptationEngine, b: AdaptationEngine) -> None:
     state_a, state_b = a.adapted.state_dict(), b.adapted.state_dict()
     assert state_a.keys() == state_b.keys()
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
-    assert a.optimizer.state_dict()["state"] == b.optimizer.state_dict()["state"] == {}
-    assert a.monitor.entropy_ema == b.monitor.entropy_ema is None
-    assert a.monitor.diversity() is None and b.monitor.diversity() is None
-    assert a._buffer == b._buffer == []
+    assert a.state.optimizer.state_dict()["state"] == b.state.optimizer.state_dict()["state"] == {}
+    assert a.state.monitor.entropy_ema == b.state.monitor.entropy_ema is None
+    assert a.state.monitor.diversity() is None and b.state.monitor.diversity() is None
+    assert a.state.buffer == b.state.buffer == []
     assert a.stats.steps_since_reset == b.stats.steps_since_reset == 0
 
 
@@ -156,7 +162,7 @@ def test_reset_restores_a_fresh_engine_exactly(source, clean) -> None:
     for i in range(0, 200, 20):
         e.step(x[i : i + 20])
     e.step(x[:3])  # something left in the small-batch buffer
-    assert e.stats.steps_total > 0 and e._buffer
+    assert e.stats.steps_total > 0 and e.state.buffer
     e.reset("manual")
     assert_same_state(e, engine(source))
     assert e.stats.resets["manual"] == 1
@@ -238,17 +244,17 @@ def test_a_batch_of_one_class_makes_no_step(source, clean) -> None:
 
 def test_entropy_loss_weights_each_sample_by_the_inverse_share_of_its_predicted_class(source) -> None:
     e, unweighted = engine(source), engine(source, guard_reweight=False)
-    assert torch.equal(e._class_weights(torch.randn(4, 10)), torch.ones(4)), "no history yet: equal weights"
+    assert torch.equal(class_weights(e, torch.randn(4, 10)), torch.ones(4)), "no history yet: equal weights"
     confident = torch.full((100, 10), -20.0)
     confident[:90, 3] = confident[90:, 5] = 20.0  # lately: class 3 nine times in ten, class 5 once, others never
     for batch in confident.split(25):
-        e.monitor.observe(batch, softmax_entropy(batch))
-        unweighted.monitor.observe(batch, softmax_entropy(batch))
+        e.state.monitor.observe(batch, softmax_entropy(batch))
+        unweighted.state.monitor.observe(batch, softmax_entropy(batch))
     batch = torch.zeros(3, 10)
     batch[0, 3] = batch[1, 5] = batch[2, 0] = 1.0  # predicted 3, 5 and 0
     expected = torch.tensor([1 / 0.9, 1 / 0.1, 1 / 0.01])  # class 0's share is floored at a tenth of an even share
-    assert torch.allclose(e._class_weights(batch), expected, rtol=1e-4)
-    assert torch.equal(unweighted._class_weights(batch), torch.ones(3))
+    assert torch.allclose(class_weights(e, batch), expected, rtol=1e-4)
+    assert torch.equal(class_weights(unweighted, batch), torch.ones(3))
 
 
 def test_the_entropy_step_uses_the_class_weights(source, clean) -> None:
@@ -257,7 +263,7 @@ def test_the_entropy_step_uses_the_class_weights(source, clean) -> None:
     skewed = torch.full((200, 10), -20.0)
     skewed[:, 3] = 20.0  # lately only class 3
     for e in (weighted, unweighted):
-        e.monitor.observe(skewed, softmax_entropy(skewed))
+        e.state.monitor.observe(skewed, softmax_entropy(skewed))
         e.step(x[:64])
     assert weighted.stats.steps_total == unweighted.stats.steps_total == 1
     assert any(not torch.equal(p, q) for p, q in zip(weighted.params, unweighted.params, strict=True))
@@ -266,12 +272,12 @@ def test_the_entropy_step_uses_the_class_weights(source, clean) -> None:
 def test_small_batches_are_buffered_and_never_normalised_alone(source, clean) -> None:
     x, _ = clean
     e = engine(source)
-    quarter = e.settings.min_batch // 4
+    quarter = e.config.min_batch // 4
     for i in range(3):
         e.step(x[quarter * i : quarter * (i + 1)])
     assert e.stats.skipped["small_batch_buffered"] == 3 and e.stats.steps_total == 0
     e.step(x[3 * quarter : 4 * quarter])
-    assert e.stats.steps_total == 1 and not e._buffer
+    assert e.stats.steps_total == 1 and not e.state.buffer
     # A single image is normalised with the running statistics and joins only its predicted class's estimate,
     # with the weight one image has over that class's share of the horizon.
     bn = next(m for m in e.adapted.modules() if isinstance(m, norm.TestTimeBatchNorm))
@@ -282,7 +288,7 @@ def test_small_batches_are_buffered_and_never_normalised_alone(source, clean) ->
     hook.remove()
     changed = (bn.class_mean != before).any(1).nonzero().flatten().tolist()
     assert changed == [predicted]
-    share = 10 / e.settings.stats_horizon
+    share = 10 / e.config.stats_horizon
     assert torch.allclose(bn.class_mean[predicted], torch.lerp(before[predicted], seen[0], share), atol=1e-6)
 
 
@@ -325,9 +331,9 @@ def share_of_the_way(e: AdaptationEngine, flood: torch.Tensor) -> tuple[torch.Te
     mean moments: per row, and for the mean over rows that normalises (1 = all the way)."""
     layer = norm.class_statistics(e.adapted)
     before = layer.class_mean.clone()
-    with torch.no_grad():  # the flood's mean moments at this layer, from a forward pass that commits nothing
-        e.adapted(flood[:256])
-    target, layer._pending = layer._pending[0].mean(0), None
+    with torch.no_grad(), norm.recording(e.adapted) as moments:  # the flood's mean moments at this layer,
+        e.adapted(flood[:256])  # from a forward pass that commits nothing
+    target = moments.moments[layer][0].mean(0)
     for start in range(0, len(flood), 64):
         e.step(flood[start : start + 64])
     way = target - before
@@ -370,10 +376,10 @@ def test_a_flood_of_one_class_moves_its_statistics_only_at_the_pace_of_the_other
     rows, overall = share_of_the_way(e, cat_flood)
     assert rows.max() < 0.1 and overall < 0.05, rows
     assert e.stats.held_back["class_pace"] > 0.8 * len(cat_flood)
-    assert e.monitor.class_shares()[3] > 0.8, "the flood is predicted as cat"
+    assert e.state.monitor.class_shares()[3] > 0.8, "the flood is predicted as cat"
     # The re-weighting reads the admitted images' shares (mean probabilities: the admitted are mostly cats predicted
     # as something else, with some probability of cat still).
-    assert e.monitor.admitted_shares()[3] < 0.5
+    assert e.state.monitor.admitted_shares()[3] < 0.5
     assert e.stats.steps_total == 0
 
 
@@ -393,7 +399,7 @@ def test_the_admission_guards_change_nothing_where_they_hold_nothing_back(source
         for a, b in zip(guarded.adapted.modules(), unguarded.adapted.modules(), strict=True):
             if isinstance(a, norm.TestTimeBatchNorm):
                 assert torch.equal(a.class_mean, b.class_mean) and torch.equal(a.class_sqmean, b.class_sqmean)
-        assert torch.equal(guarded.monitor.admitted_shares(), unguarded.monitor.class_shares())
+        assert torch.equal(guarded.state.monitor.admitted_shares(), unguarded.state.monitor.class_shares())
 
 
 def test_paced_admission_holds_a_row_to_the_median_row_plus_the_margin() -> None:
@@ -475,7 +481,7 @@ def test_models_without_batchnorm_adapt_their_norm_layers(source) -> None:
     # an untrained net is neither confident nor spread over the classes: the guards that look at that are off
     settings = source[1].model_copy(update={"guard_reliable": False, "guard_balance": False, "min_batch": 32})
     e = AdaptationEngine(TinyGroupNormNet(), 10, settings, CPU)
-    assert e.norm_kind == "GroupNorm" and e.snapshot()["adapted_layers"] == "GroupNorm"
+    assert e.state.norm_kind == "GroupNorm" and e.snapshot()["adapted_layers"] == "GroupNorm"
     e.step(torch.randn(32, 3, 8, 8))
     assert e.stats.steps_total == 1
     with pytest.raises(ValueError, match="no normalisation layer"):
@@ -548,7 +554,7 @@ async def test_reset_over_http_during_load_and_admin_token(anyio_backend: str, m
         status = (await client.get("/v1/status")).json()["adaptation"]
         served = app.state.service.worker.engine
     assert status["resets"]["manual"] == 2 and status["steps_since_reset"] == 0
-    model, settings = load_checkpoint(model_path)[0], served.settings
+    model, settings = load_checkpoint(model_path)[0], served.config
     assert_same_state(served, AdaptationEngine(model, 10, settings, CPU))
 
 

@@ -453,10 +453,10 @@ def test_a_rollback_after_the_statistics_moved_puts_back_exactly_what_the_batch_
         return prototypes[torch.randint(0, 1000, (64,))] + 0.1 * torch.randn(64, 3, 10, 10)
 
     engine.step(batch())
-    before = engine._adaptable_state()
+    before = engine.state.checkpoint()
     engine.params[0].register_hook(lambda grad: grad * float("nan"))
     engine.step(batch())
-    after = engine._adaptable_state()
+    after = engine.state.checkpoint()
     assert engine.stats.skipped["nonfinite"] == 1 and engine.stats.steps_total == 1
     assert before["tensors"].keys() == after["tensors"].keys()
     assert all(torch.equal(before["tensors"][k], after["tensors"][k]) for k in before["tensors"])
@@ -474,7 +474,7 @@ def test_statistics_memory_is_bounded_at_1000_classes_and_not_copied_per_batch()
     layers = [m for m in engine.adapted.modules() if isinstance(m, norm.TestTimeBatchNorm)]
     live = sum(m.class_mean.nbytes + m.class_sqmean.nbytes for m in layers)
     assert {len(m.class_mean) for m in layers} == {norm.MAX_STAT_ROWS} and live < 21.5 * 2**20
-    rollback_point = engine._adaptable_state(statistics=False)
+    rollback_point = engine.state.checkpoint(statistics=False)
     assert sum(t.nbytes for t in rollback_point["tensors"].values()) < 2**20  # the affine parameters alone
 
 

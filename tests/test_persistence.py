@@ -92,9 +92,9 @@ def test_engine_state_round_trip_through_the_file_is_exact(source, images, tmp_p
     x = images
     adapted = engine(source, **overrides)
     feed(adapted, x, BEFORE)
-    if adapted.settings.method == "tent":
-        assert adapted.stats.steps_total >= 2 and adapted.optimizer.state_dict()["state"]
-    assert sum(len(b) for b in adapted._buffer) == 60 or adapted.settings.method == "norm"
+    if adapted.config.method == "tent":
+        assert adapted.stats.steps_total >= 2 and adapted.state.optimizer.state_dict()["state"]
+    assert adapted.state.buffer_fill == 60 or adapted.config.method == "norm"
 
     file = SnapshotFile(tmp_path, "model-hash")
     file.write({"streams": {"default": {"engine": adapted.state_dict()}}}, created_at=time.time())

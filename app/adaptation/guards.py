@@ -1,191 +1,313 @@
-"""Signals the stability guards decide on: entropy EMA, prediction diversity, parameter drift, class pace."""
+"""The stability guards: small objects, each with its own settings (TTA_GUARD_<NAME> and the settings beside it),
+each acting through one or two hooks of an adaptation batch. The methods call the hooks through `Guards`, which holds
+the guards a configuration turns on, in the order of `GUARD_TYPES`; what a guard counts (a step skipped, a reset, an
+image held back) it names in its class, so the counters know every reason without the engine listing them.
+
+Hooks (each a no-op unless a guard defines it), in the order a batch meets them:
+- `admit`: after the prediction, which of the batch's images join the class-balanced statistics and the step;
+- `rollback_point`: before anything changes, what a non-finite value rolls back to;
+- `skip_reason`: before an entropy step, a reason not to take it;
+- `weights` and `select`: the images' weights in the entropy loss, and which images enter it;
+- `after_backward`, `after_step`: on the gradient, on the parameters just stepped;
+- `reset_reason`: after the batch, a reason to reset the stream to the source.
+The signals they decide on are in signals.py; README, "Methods and guards", says why each exists.
+"""
+
+from __future__ import annotations
 
 import math
-from collections import deque
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from app.adaptation.norm import BatchMoments, class_statistics
+from app.adaptation.signals import paced_admission, predicted_class_entropy
 
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample entropy (nats) of softmax(logits)."""
-    log_p = logits.log_softmax(dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1)
+if TYPE_CHECKING:
+    from app.adaptation.config import AdaptationConfig
+    from app.adaptation.state import AdaptationState, Source
 
-
-def distribution_entropy(shares: torch.Tensor) -> float:
-    """Entropy (nats) of a distribution over classes: ln C when spread evenly, 0 for one class."""
-    return float(-(shares * shares.clamp_min(1e-12).log()).sum())
-
-
-def predicted_class_entropy(logits: torch.Tensor) -> float:
-    """Entropy (nats) of the histogram of the batch's predicted classes."""
-    return distribution_entropy(torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double() / len(logits))
+# Collapse checks start after this many steps: the entropy EMA needs a few batches to mean anything.
+COLLAPSE_WARMUP_STEPS = 10
 
 
-def paced_admission(
-    freshness: torch.Tensor,
-    rows: torch.Tensor,
-    candidates: torch.Tensor,
-    momentum: float,
-    window: int,
-    margin: float,
-    binding: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which of the `candidates` (a mask) join the class-balanced statistics (the class-pace guard), and the rows'
-    freshness after them.
+@dataclass
+class Admission:
+    """Which of a batch's images the statistics and the entropy step take in (None: all of them), and the rows'
+    freshness after them (None: not tracked)."""
 
-    A row's freshness is the share of its running moments that the stream's recent images brought: each image of
-    the stream multiplies every row's by 1 - 1/window (window: the statistics' horizon), and an image that joins
-    row j moves it to (1 - momentum) f_j + momentum, as the image moves the row's moments (0 at the start: the
-    source's statistics). While the pace is `binding` (the engine makes it so while one class takes most of the
-    recent predictions), an image joins its row only if that leaves the row at most `margin` above the median row
-    (the lower median). Class-balanced statistics let a run of one predicted class move only that class's row, but
-    that row then stands for the run while the others still hold the source's mix, so their mean leans toward the
-    run, more of the run is predicted as other classes and joins their rows, and the drift feeds itself. Held to
-    the median, the run's row takes in about `margin` of itself whatever the run's length. Images are taken in
-    order, so a batch is paced as the same images one by one; freshness is kept whether binding or not.
-    """
-    f = freshness.tolist()
-    keep = 1.0 - 1.0 / window
-    middle = (len(f) - 1) // 2
-    admitted = []
-    for row, candidate in zip(rows.tolist(), candidates.tolist(), strict=True):
-        f = [value * keep for value in f]
-        joined = (1.0 - momentum) * f[row] + momentum
-        admit = candidate and (not binding or joined <= sorted(f)[middle] + margin)
-        if admit:
-            f[row] = joined
-        admitted.append(admit)
-    return (
-        torch.tensor(admitted, dtype=torch.bool, device=rows.device),
-        torch.tensor(f, dtype=freshness.dtype, device=freshness.device),
-    )
+    admitted: torch.Tensor | None = None
+    freshness: torch.Tensor | None = None
 
 
-class CollapseMonitor:
-    """Tracks the EMA of the prediction entropy (decay per `decay_images` images) and the entropy of the mean
-    prediction over a window; and the mean prediction over a window of the admitted images only (those the
-    adaptation learns from: the class pace can hold some back), whose class shares the re-weighting uses."""
+class Guard:
+    name: ClassVar[str]  # TTA_GUARD_<NAME> turns it on; its key in the status
+    skip_reasons: ClassVar[tuple[str, ...]] = ()  # what it counts in `skipped`
+    reset_reasons: ClassVar[tuple[str, ...]] = ()  # in `resets`
+    held_back_reasons: ClassVar[tuple[str, ...]] = ()  # in `held_back` (images kept out of statistics and step)
 
-    def __init__(self, num_classes: int, ema_decay: float, window: int, decay_images: int) -> None:
-        self.num_classes = num_classes
-        self.ema_decay = ema_decay
-        self.decay_images = decay_images  # ema_decay applies per this many images, whatever the batch size
-        self.window = window
-        self.entropy_ema: float | None = None
-        self._probability_sums: deque[tuple[torch.Tensor, int]] = deque()
-        self._window_sum = torch.zeros(num_classes, dtype=torch.float64)
-        self._window_count = 0
-        self._admitted_sums: deque[tuple[torch.Tensor, int]] = deque()
-        self._admitted_sum = torch.zeros(num_classes, dtype=torch.float64)
-        self._admitted_count = 0
+    def __init__(self, config: AdaptationConfig, num_classes: int) -> None:
+        self.config, self.num_classes = config, num_classes
 
-    def observe(self, logits: torch.Tensor, entropy: torch.Tensor, admitted: torch.Tensor | None = None) -> None:
-        """`admitted`: a mask of the images the adaptation took in (None: all of them)."""
-        batch_entropy = float(entropy.mean())
-        if self.entropy_ema is None:
-            self.entropy_ema = batch_entropy
-        else:
-            # Per image, not per batch: otherwise a stream of single images averages only the last ~10 and a few
-            # confident images in a row look like collapse.
-            decay = self.ema_decay ** (len(logits) / self.decay_images)
-            self.entropy_ema = decay * self.entropy_ema + (1 - decay) * batch_entropy
-        batch_sum = logits.softmax(1).sum(0).double().cpu()
-        self._window_count = self._push(
-            self._probability_sums, self._window_sum, self._window_count, batch_sum, len(logits)
+    @classmethod
+    def enabled(cls, config: AdaptationConfig) -> bool:
+        return bool(getattr(config, f"guard_{cls.name}"))
+
+    def admit(self, state: AdaptationState, batch: Predicted, admission: Admission) -> None:
+        pass
+
+    def rollback_point(self, state: AdaptationState) -> dict[str, Any] | None:
+        return None
+
+    def skip_reason(self, state: AdaptationState, logits: torch.Tensor) -> str | None:
+        return None
+
+    def weights(self, state: AdaptationState, logits: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def select(self, entropy: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, state: AdaptationState) -> None:
+        pass
+
+    def after_step(self, state: AdaptationState, source: Source) -> None:
+        pass
+
+    def reset_reason(self, state: AdaptationState) -> str | None:
+        return None
+
+
+@dataclass
+class Predicted:
+    """A batch just predicted: its logits (detached), predicted classes and recorded moments."""
+
+    logits: torch.Tensor
+    classes: torch.Tensor
+    moments: BatchMoments
+
+
+class Reliable(Guard):
+    """Entropy minimisation on confident samples only (EATA): uncertain samples' gradients are noise."""
+
+    name, skip_reasons = "reliable", ("no_reliable_samples",)
+
+    def select(self, entropy: torch.Tensor) -> torch.Tensor:
+        return entropy < self.config.reliable_threshold(self.num_classes)
+
+
+class Reweight(Guard):
+    name = "reweight"
+
+    def weights(self, state: AdaptationState, logits: torch.Tensor) -> torch.Tensor | None:
+        """Each sample's weight in the entropy loss: 1 / how often its predicted class is predicted lately.
+
+        Entropy minimisation favours whichever class the model already over-predicts: the samples it pushes
+        toward that class outnumber the others, so over a long stream one class takes over (DELTA, Zhao et al.
+        ICLR 2023). Weighting by the inverse share makes every predicted class count equally in expectation.
+        The shares are those of the images learnt from: a flood the class pace held back does not set them.
+        """
+        shares = state.monitor.admitted_shares()
+        if shares is None:
+            return None
+        # A floor of a tenth of an even share: a class predicted almost never cannot make one sample the whole loss.
+        shares = shares.to(logits.device, logits.dtype).clamp_min(0.1 / self.num_classes)
+        return 1.0 / shares[logits.detach().argmax(1)]
+
+
+class Balance(Guard):
+    name, skip_reasons = "balance", ("class_imbalanced",)
+
+    def skip_reason(self, state: AdaptationState, logits: torch.Tensor) -> str | None:
+        # A batch of mostly one class (traffic sorted by class) is label shift, not domain shift: minimising
+        # its entropy teaches the model to predict that class for everything, and the next class pays.
+        threshold = self.config.balance_threshold(self.num_classes, len(logits))
+        return "class_imbalanced" if predicted_class_entropy(logits) < threshold else None
+
+
+class MinBatch(Guard):
+    """Class-balanced statistics instead of the batch's own (norm.configure), and entropy steps on min_batch images:
+    smaller batches are predicted, then buffered until that many have been (the methods ask `buffers`)."""
+
+    name, skip_reasons = "min_batch", ("small_batch_buffered",)
+
+    def buffers(self, images: int) -> bool:
+        return images < self.config.min_batch
+
+
+class Plausible(Guard):
+    """Features far from anything the model was trained on (noise): not a domain to adapt to."""
+
+    name, skip_reasons, held_back_reasons = "plausible", ("held_back",), ("implausible",)
+
+    def admit(self, state: AdaptationState, batch: Predicted, admission: Admission) -> None:
+        admitted = batch.moments.source_distance().to(batch.classes.device) <= self.config.plausible_distance
+        state.counters.held_back["implausible"] += int((~admitted).sum())
+        admission.admitted = admitted if admission.admitted is None else admission.admitted & admitted
+
+
+class ClassPace(Guard):
+    """While one class takes most of the recent predictions, no class's statistics may run ahead of the others'
+    (signals.paced_admission)."""
+
+    name, skip_reasons, held_back_reasons = "class_pace", ("held_back",), ("class_pace",)
+
+    def admit(self, state: AdaptationState, batch: Predicted, admission: Admission) -> None:
+        c = self.config
+        layer = class_statistics(state.model)
+        shares = state.monitor.class_shares_with(batch.logits)
+        binding = float(shares.max()) >= c.class_pace_trigger
+        rows = batch.classes % len(layer.class_mean)
+        candidates = admission.admitted
+        if candidates is None:
+            candidates = torch.ones(len(batch.classes), dtype=torch.bool, device=batch.classes.device)
+        momentum, window, margin = layer.per_sample_momentum, c.stats_horizon, c.class_pace_margin
+        paced, admission.freshness = paced_admission(
+            layer.row_freshness, rows, candidates, momentum, window, margin, binding
         )
-        if admitted is None or bool(admitted.all()):  # the same sum, so that both windows agree exactly then
-            admitted_sum, count = batch_sum, len(logits)
-        else:
-            admitted_sum, count = logits[admitted].softmax(1).sum(0).double().cpu(), int(admitted.sum())
-        if count:
-            self._admitted_count = self._push(
-                self._admitted_sums, self._admitted_sum, self._admitted_count, admitted_sum, count
-            )
+        state.counters.held_back["class_pace"] += int((candidates & ~paced).sum())
+        admission.admitted = paced
 
-    def _push(self, sums: deque, total: torch.Tensor, count: int, batch_sum: torch.Tensor, images: int) -> int:
-        """Add a batch's probability sum to a window (in place), drop what falls out of it; the new count."""
-        sums.append((batch_sum, images))
-        total += batch_sum
-        count += images
-        while count - sums[0][1] >= self.window:
-            oldest, oldest_count = sums.popleft()
-            total -= oldest
-            count -= oldest_count
-        return count
 
-    def class_shares(self) -> torch.Tensor | None:
-        """Mean prediction over the window so far: how often each class is being predicted."""
-        if self._window_count == 0:
+class GradClip(Guard):
+    name = "grad_clip"
+
+    def after_backward(self, state: AdaptationState) -> None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.params, self.config.grad_clip_norm)
+        state.counters.last_grad_norm = float(grad_norm)
+
+
+class Nonfinite(Guard):
+    """A non-finite prediction, loss, gradient or parameter rolls the state back to before the batch."""
+
+    name, skip_reasons = "nonfinite", ("nonfinite",)
+
+    def rollback_point(self, state: AdaptationState) -> dict[str, Any] | None:
+        return state.checkpoint(statistics=False)
+
+
+class Anchor(Guard):
+    name = "anchor"
+
+    def after_step(self, state: AdaptationState, source: Source) -> None:
+        # Entropy minimisation keeps pushing in the direction it found, and Adam's steps do not shrink as the
+        # gradient does: left alone the parameters drift for as long as the stream lasts and errors pile up
+        # (TENT's failure on long streams). A constant pull back makes the drift settle where the pull
+        # balances the push, which is CoTTA's stochastic restore (p = 0.01) in expectation.
+        with torch.no_grad():
+            for param, initial in zip(state.params, source.source_params, strict=True):
+                param.lerp_(initial, self.config.anchor_rate)
+
+
+class Collapse(Guard):
+    name, reset_reasons = "collapse", ("collapse_entropy", "collapse_diversity")
+
+    def reset_reason(self, state: AdaptationState) -> str | None:
+        if state.counters.steps_since_reset < COLLAPSE_WARMUP_STEPS:
             return None
-        return self._window_sum / self._window_count
-
-    def class_shares_with(self, logits: torch.Tensor) -> torch.Tensor:
-        """Mean prediction over the window and a batch not yet observed: how often each class is predicted lately."""
-        batch_sum = logits.detach().softmax(1).sum(0).double().cpu()
-        return (self._window_sum + batch_sum) / (self._window_count + len(logits))
-
-    def admitted_shares(self) -> torch.Tensor | None:
-        """Mean prediction over the window of admitted images: how often each class is being learnt from."""
-        if self._admitted_count == 0:
-            return None
-        return self._admitted_sum / self._admitted_count
-
-    def diversity(self) -> float | None:
-        """Entropy (nats) of the mean prediction, once the window is full."""
-        mean = self.class_shares()
-        if mean is None or self._window_count < self.window:
-            return None
-        return distribution_entropy(mean)
-
-    @property
-    def max_entropy(self) -> float:
-        return math.log(self.num_classes)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The EMA and the windows as they are (the windows' sums too: re-adding would round differently)."""
-        return {
-            "entropy_ema": self.entropy_ema,
-            **self._window_state(self._probability_sums, self._window_sum, self._window_count),
-            "admitted": self._window_state(self._admitted_sums, self._admitted_sum, self._admitted_count),
-        }
-
-    def _window_state(self, sums: deque, total: torch.Tensor, count: int) -> dict[str, Any]:
-        stacked = [batch_sum for batch_sum, _ in sums]
-        return {
-            "probability_sums": torch.stack(stacked)
-            if stacked
-            else torch.zeros(0, self.num_classes, dtype=torch.float64),
-            "counts": [images for _, images in sums],
-            "window_sum": total.clone(),
-            "window_count": count,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # A state saved before the admitted window existed: every image was admitted then, so it is the same window.
-        admitted = state.get("admitted", state)
-        everything = self._window_from(state)
-        held = self._window_from(admitted)
-        self.entropy_ema = state["entropy_ema"]
-        self._probability_sums, self._window_sum, self._window_count = everything
-        self._admitted_sums, self._admitted_sum, self._admitted_count = held
-
-    def _window_from(self, state: dict[str, Any]) -> tuple[deque, torch.Tensor, int]:
-        sums, counts, window_sum = state["probability_sums"], state["counts"], state["window_sum"]
-        if sums.shape != (len(counts), self.num_classes) or window_sum.shape != (self.num_classes,):
-            raise ValueError(
-                f"collapse monitor state of shape {tuple(sums.shape)}, the model has {self.num_classes} classes"
-            )
-        return (
-            deque(zip(sums.double().clone().unbind(0), counts, strict=True)),
-            window_sum.double().clone(),
-            state["window_count"],
-        )
+        monitor, max_entropy = state.monitor, math.log(self.num_classes)
+        diversity = monitor.diversity()
+        if monitor.entropy_ema < self.config.collapse_entropy * max_entropy:
+            return "collapse_entropy"
+        if diversity is not None and diversity < self.config.collapse_diversity * max_entropy:
+            return "collapse_diversity"
+        return None
 
 
-def relative_drift(params: list[torch.Tensor], source: list[torch.Tensor]) -> float:
-    """||theta - theta_source|| / ||theta_source|| over all adapted parameters."""
-    diff = torch.sqrt(sum(((p.detach() - s) ** 2).sum() for p, s in zip(params, source, strict=True)))
-    norm = torch.sqrt(sum((s**2).sum() for s in source))
-    return float(diff / norm.clamp_min(1e-12))
+class Drift(Guard):
+    name, reset_reasons = "drift", ("drift",)
+
+    def reset_reason(self, state: AdaptationState) -> str | None:
+        return "drift" if state.counters.drift > self.config.drift_max else None
+
+
+class Periodic(Guard):
+    """A reset every reset_every_steps steps (0: off): not a guard_ flag, its own setting turns it on."""
+
+    name, reset_reasons = "periodic", ("periodic",)
+
+    @classmethod
+    def enabled(cls, config: AdaptationConfig) -> bool:
+        return config.reset_every_steps > 0
+
+    def reset_reason(self, state: AdaptationState) -> str | None:
+        return "periodic" if state.counters.steps_since_reset >= self.config.reset_every_steps else None
+
+
+GUARD_TYPES: tuple[type[Guard], ...] = (
+    Reliable,
+    Reweight,
+    Balance,
+    MinBatch,
+    Plausible,
+    ClassPace,
+    GradClip,
+    Nonfinite,
+    Anchor,
+    Collapse,
+    Drift,
+    Periodic,
+)
+
+
+def reasons(kind: str) -> tuple[str, ...]:
+    """Every reason the guards count of `kind` (skip, reset, held_back), each once, in GUARD_TYPES' order."""
+    attribute = {"skip": "skip_reasons", "reset": "reset_reasons", "held_back": "held_back_reasons"}[kind]
+    return tuple(dict.fromkeys(r for guard in GUARD_TYPES for r in getattr(guard, attribute)))
+
+
+class Guards:
+    """The guards a configuration turns on, and each hook over all of them."""
+
+    def __init__(self, config: AdaptationConfig, num_classes: int) -> None:
+        self.active = [guard(config, num_classes) for guard in GUARD_TYPES if guard.enabled(config)]
+        self.min_batch = next((g for g in self.active if isinstance(g, MinBatch)), None)
+        self._admitting = [g for g in self.active if type(g).admit is not Guard.admit]
+
+    def buffers(self, images: int) -> bool:
+        """Whether a batch of this many images is buffered for a later step rather than stepped on alone."""
+        return self.min_batch is not None and self.min_batch.buffers(images)
+
+    def admission(self, state: AdaptationState, batch: Predicted) -> Admission:
+        admission = Admission()
+        if not self._admitting or not batch.moments:
+            return admission
+        for guard in self._admitting:
+            guard.admit(state, batch, admission)
+        if admission.admitted is not None and bool(admission.admitted.all()):
+            admission.admitted = None
+        return admission
+
+    def rollback_point(self, state: AdaptationState) -> dict[str, Any] | None:
+        return next((p for g in self.active if (p := g.rollback_point(state)) is not None), None)
+
+    def skip_reason(self, state: AdaptationState, logits: torch.Tensor) -> str | None:
+        return next((r for g in self.active if (r := g.skip_reason(state, logits)) is not None), None)
+
+    def weights(self, state: AdaptationState, logits: torch.Tensor) -> torch.Tensor:
+        weights = torch.ones(len(logits), device=logits.device)
+        for guard in self.active:
+            if (w := guard.weights(state, logits)) is not None:
+                weights = w
+        return weights
+
+    def select(self, entropy: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+        """The entropies and weights that enter the loss, or the reason none does."""
+        for guard in self.active:
+            if (kept := guard.select(entropy)) is not None:
+                if not bool(kept.any()):
+                    return entropy, weights, guard.skip_reasons[0]
+                entropy, weights = entropy[kept], weights[kept]
+        return entropy, weights, None
+
+    def after_backward(self, state: AdaptationState) -> None:
+        for guard in self.active:
+            guard.after_backward(state)
+
+    def after_step(self, state: AdaptationState, source: Source) -> None:
+        for guard in self.active:
+            guard.after_step(state, source)
+
+    def reset_reason(self, state: AdaptationState) -> str | None:
+        return next((r for g in self.active if (r := g.reset_reason(state)) is not None), None)

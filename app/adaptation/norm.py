@@ -8,13 +8,20 @@ predicted class, averaged with equal weight (RoTTA's category-balanced memory, k
 A batch of one image is then never normalised by itself, and a stream that brings hundreds of
 images of one class in a row does not turn the statistics into that class's. Each row also keeps how
 fresh it is (the share of its moments that the last few thousand images of the stream brought), so
-that the class-pace guard (guards.paced_admission) can keep one row from being refreshed far ahead of
+that the class-pace guard (signals.paced_admission) can keep one row from being refreshed far ahead of
 the others; and each layer keeps the source's statistics, against which the plausibility guard
 measures how far an image's features are from anything the model was trained on.
+
+Which class an image belongs to is known only from the prediction its forward pass makes, so its moments cannot join
+the statistics during that pass. The protocol is explicit: a forward pass made inside `recording(model)` returns the
+batch's moments (`BatchMoments`), and `BatchMoments.commit(predicted, ...)` averages them in afterwards. A forward
+pass outside `recording` (a repeated entropy step, the buffered step) records nothing.
 """
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +48,7 @@ class TestTimeBatchNorm(nn.Module):
         rows = min(num_classes, MAX_STAT_ROWS)
         # stats_horizon counts images over all classes; each row's estimate sees about 1/rows of them.
         self.per_sample_momentum = min(1.0, rows / stats_horizon)
-        self.update_stats = True
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.recorder: BatchMoments | None = None  # set only inside `recording`
         self.mix: tuple[list[TestTimeBatchNorm], torch.Tensor] | None = None  # set only during mixed_forward
         self.weight = nn.Parameter(bn.weight.detach().clone())
         self.bias = nn.Parameter(bn.bias.detach().clone())
@@ -61,12 +67,11 @@ class TestTimeBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.robust:
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-        if self.update_stats:
-            # Which class each image belongs to is known only from the prediction this forward pass makes:
-            # its moments wait for `commit`, and the batch is normalised with the statistics of the images before it.
+        if self.recorder is not None:
+            # The batch is normalised with the statistics of the images before it; its own moments wait for commit.
             spatial = list(range(2, x.dim()))
             flat = x.detach().float()
-            self._pending = (flat.mean(spatial), flat.square().mean(spatial))
+            self.recorder.moments[self] = (flat.mean(spatial), flat.square().mean(spatial))
         if self.mix is not None:  # several streams' images: each with its own stream's layer (see mixed_forward)
             layers, index = self.mix
             scales, shifts = zip(*(layer.scale_and_shift() for layer in layers), strict=True)
@@ -84,23 +89,22 @@ class TestTimeBatchNorm(nn.Module):
         return scale, self.bias - mean * scale
 
     @torch.no_grad()
-    def source_distance(self) -> torch.Tensor | None:
-        """Per image of the last forward pass: the sum over channels of (its mean - the source's mean)^2 / the
+    def source_distance(self, means: torch.Tensor) -> torch.Tensor:
+        """Per image (`means`: its channel means): the sum over channels of (its mean - the source's mean)^2 / the
         source's variance, the squared distance of its features from the source's in the source's own units."""
-        if self._pending is None:
-            return None
-        return ((self._pending[0] - self.source_mean).square() / (self.source_var + self.eps)).sum(1)
+        return ((means - self.source_mean).square() / (self.source_var + self.eps)).sum(1)
 
     @torch.no_grad()
-    def commit(
-        self, predicted: torch.Tensor, admitted: torch.Tensor | None = None, freshness: torch.Tensor | None = None
+    def add_moments(
+        self,
+        means: torch.Tensor,
+        sqmeans: torch.Tensor,
+        predicted: torch.Tensor,
+        admitted: torch.Tensor | None = None,
+        freshness: torch.Tensor | None = None,
     ) -> None:
-        """Average the last forward pass's images into the running moments of the classes they were predicted as:
+        """Average a batch's images (their moments) into the running moments of the classes they were predicted as:
         all of them, or those `admitted` (a mask); `freshness`, when given, is the rows' freshness after them."""
-        if self._pending is None:
-            return
-        means, sqmeans = self._pending
-        self._pending = None
         if freshness is not None:
             self.row_freshness.copy_(freshness)
         finite = torch.isfinite(means).all(1) & torch.isfinite(sqmeans).all(1)
@@ -165,26 +169,76 @@ def _replace_batchnorms(model: nn.Module, robust: bool, horizon: int, num_classe
     return replaced
 
 
-def set_stats_update(model: nn.Module, enabled: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, TestTimeBatchNorm):
-            module.update_stats = enabled
-
-
 StatisticsRows = list[tuple[TestTimeBatchNorm, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def statistics_rows(model: nn.Module, predicted: torch.Tensor) -> StatisticsRows:
-    """The rows of the running statistics that committing `predicted` will change, as they are now, and every row's
-    freshness (a few numbers, all of which a commit changes): what a rollback puts back. Only those rows of the
-    moments: the others do not change, and at 1,000 classes all of them are megabytes."""
-    saved = []
-    for module in model.modules():
-        if isinstance(module, TestTimeBatchNorm) and module._pending is not None:
-            rows = torch.unique(predicted.to(module.class_mean.device) % len(module.class_mean))
-            moments = module.class_mean[rows].clone(), module.class_sqmean[rows].clone()
-            saved.append((module, rows, *moments, module.row_freshness.clone()))
-    return saved
+@dataclass
+class BatchMoments:
+    """One forward pass's images' moments per class-balanced layer (channel means and mean squares, per image), in
+    the model's module order: what `commit` averages into the running statistics once the images' classes are known."""
+
+    layers: list[TestTimeBatchNorm]  # every layer that records, in module order
+    moments: dict[TestTimeBatchNorm, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def recorded(self) -> list[tuple[TestTimeBatchNorm, torch.Tensor, torch.Tensor]]:
+        return [(layer, *self.moments[layer]) for layer in self.layers if layer in self.moments]
+
+    def __bool__(self) -> bool:
+        return bool(self.moments)
+
+    def rows(self, predicted: torch.Tensor) -> StatisticsRows:
+        """The rows of the running statistics that committing `predicted` will change, as they are now, and every
+        row's freshness (a few numbers, all of which a commit changes): what a rollback puts back. Only those rows of
+        the moments: the others do not change, and at 1,000 classes all of them are megabytes."""
+        saved = []
+        for layer, _, _ in self.recorded():
+            rows = torch.unique(predicted.to(layer.class_mean.device) % len(layer.class_mean))
+            moments = layer.class_mean[rows].clone(), layer.class_sqmean[rows].clone()
+            saved.append((layer, rows, *moments, layer.row_freshness.clone()))
+        return saved
+
+    def commit(
+        self, predicted: torch.Tensor, admitted: torch.Tensor | None = None, freshness: torch.Tensor | None = None
+    ) -> None:
+        """The images (those `admitted`, when given) join the running statistics under their predicted classes."""
+        for layer, means, sqmeans in self.recorded():
+            layer.add_moments(means, sqmeans, predicted, admitted, freshness)
+
+    def source_distance(self) -> torch.Tensor | None:
+        """Per image: the mean over every channel of every layer of its source-normalised squared distance
+        (`TestTimeBatchNorm.source_distance`); None when nothing was recorded."""
+        sums, channels = None, 0
+        for layer, means, _ in self.recorded():
+            distance = layer.source_distance(means)
+            sums = distance if sums is None else sums + distance
+            channels += layer.class_mean.shape[1]
+        return None if sums is None else sums / channels
+
+    def select(self, rows: list[int], layers: list[TestTimeBatchNorm]) -> "BatchMoments":
+        """These images' moments, as recorded by `layers` (another stream's copy of the same layers, in order)."""
+        selected = BatchMoments(layers)
+        for position, layer in enumerate(self.layers):
+            if layer in self.moments:
+                means, sqmeans = self.moments[layer]
+                selected.moments[layers[position]] = (means[rows], sqmeans[rows])
+        return selected
+
+
+def recording_layers(model: nn.Module) -> list[TestTimeBatchNorm]:
+    return [m for m in model.modules() if isinstance(m, TestTimeBatchNorm) and m.robust]
+
+
+@contextmanager
+def recording(model: nn.Module) -> Iterator[BatchMoments]:
+    """Forward passes made inside record their images' moments (class-balanced layers only) into what it yields."""
+    moments = BatchMoments(recording_layers(model))
+    for layer in moments.layers:
+        layer.recorder = moments
+    try:
+        yield moments
+    finally:
+        for layer in moments.layers:
+            layer.recorder = None
 
 
 @torch.no_grad()
@@ -195,40 +249,18 @@ def restore_rows(saved: StatisticsRows) -> None:
         module.row_freshness.copy_(freshness)
 
 
-def commit_statistics(
-    model: nn.Module,
-    predicted: torch.Tensor,
-    admitted: torch.Tensor | None = None,
-    freshness: torch.Tensor | None = None,
-) -> None:
-    """After a forward pass: its images (those `admitted`, when given) join the running statistics under their
-    predicted classes."""
-    for module in model.modules():
-        if isinstance(module, TestTimeBatchNorm):
-            module.commit(predicted, admitted, freshness)
-
-
-def source_distance(model: nn.Module) -> torch.Tensor | None:
-    """Per image of the last forward pass: the mean over every channel of every class-balanced layer of its
-    source-normalised squared distance (`TestTimeBatchNorm.source_distance`); None without such layers."""
-    sums, channels = None, 0
-    for module in model.modules():
-        if isinstance(module, TestTimeBatchNorm) and (distance := module.source_distance()) is not None:
-            sums = distance if sums is None else sums + distance
-            channels += module.class_mean.shape[1]
-    return None if sums is None else sums / channels
-
-
 def class_statistics(model: nn.Module) -> TestTimeBatchNorm | None:
     """The first layer with class-balanced statistics (all of them have the same rows and freshness), if any."""
     return next((m for m in model.modules() if isinstance(m, TestTimeBatchNorm) and m.robust), None)
 
 
-def mixed_forward(models: list[nn.Module], rows: list[list[int]], x: torch.Tensor) -> torch.Tensor:
+def mixed_forward(
+    models: list[nn.Module], rows: list[list[int]], x: torch.Tensor
+) -> tuple[torch.Tensor, list[BatchMoments]]:
     """One forward pass over several streams' images: image i is normalised by the layers of models[s], the model of
     the stream whose `rows` hold i, so each image gets exactly the statistics and affine parameters of its own
     stream, as if its stream ran alone; the convolutions, shared by every stream, run once on the whole batch.
-    Each model's layers are left holding the moments of its own images only, for its `commit_statistics`.
+    Returns the logits and each model's moments of its own images only, for its commit.
     For class-balanced (robust) statistics, which do not depend on the batch; `can_mix` says when that holds."""
     layers = [[m for m in model.modules() if isinstance(m, TestTimeBatchNorm)] for model in models]
     index = torch.empty(len(x), dtype=torch.long, device=x.device)
@@ -238,16 +270,12 @@ def mixed_forward(models: list[nn.Module], rows: list[list[int]], x: torch.Tenso
     for position, layer in enumerate(carrier):
         layer.mix = ([stream_layers[position] for stream_layers in layers], index)
     try:
-        logits = models[0](x)
+        with recording(models[0]) as moments:
+            logits = models[0](x)
     finally:
         for layer in carrier:
             layer.mix = None
-    for position, layer in enumerate(carrier):
-        if layer._pending is not None:
-            means, sqmeans = layer._pending
-            for stream_layers, stream_rows in zip(layers, rows, strict=True):
-                stream_layers[position]._pending = (means[stream_rows], sqmeans[stream_rows])
-    return logits
+    return logits, [moments.select(r, recording_layers(m)) for m, r in zip(models, rows, strict=True)]
 
 
 def can_mix(model: nn.Module) -> bool:

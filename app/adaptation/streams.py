@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from app.adaptation.engine import AdaptationEngine, MixedPrediction, StepResult
+from app.adaptation.engine import AdaptationEngine, Prediction, StepResult
+from app.adaptation.methods.base import SharedForward
 from app.adaptation.norm import mixed_forward
 
 DEFAULT_STREAM = "default"
@@ -69,7 +70,20 @@ class StreamEngines:
         return engine
 
     def step(self, x: torch.Tensor, streams: list[str]) -> list[tuple[StreamBatch, StepResult]]:
-        """Each stream's images of the batch through its own engine; `streams` names the stream of each image.
+        """`predict`, then every stream's update: each result's step counts the steps after its update."""
+        results = self.predict(x, streams)
+        for _, prediction in results:
+            if prediction.update is not None:
+                prediction.update()
+        return [
+            (batch, StepResult(p.logits, p.source_logits, self._engines[batch.name].stats.steps_since_reset))
+            for batch, p in results
+        ]
+
+    def predict(self, x: torch.Tensor, streams: list[str]) -> list[tuple[StreamBatch, Prediction]]:
+        """Each stream's images of the batch through its own engine; `streams` names the stream of each image. Every
+        prediction is made before any stream's update runs: the caller runs each prediction's `update` (in this
+        order) after answering, before the next batch.
 
         The streams whose images are predicted without a gradient (small batches, buffered for a later step) share
         one forward pass (`norm.mixed_forward`), in which each image is normalised with its own stream's state:
@@ -83,28 +97,27 @@ class StreamEngines:
         results = []
         for batch in batches.values():
             rows = x if len(batches) == 1 else x[batch.positions]
-            results.append((batch, engines[batch.name].step(rows, predicted.get(batch.name))))
+            results.append((batch, engines[batch.name].predict(rows, predicted.get(batch.name))))
         return results
 
     @staticmethod
     def _predict_together(
         x: torch.Tensor, batches: list[StreamBatch], engines: dict[str, AdaptationEngine]
-    ) -> dict[str, MixedPrediction]:
+    ) -> dict[str, SharedForward]:
         together = x[[position for batch in batches for position in batch.positions]]
         rows, start = [], 0
         for batch in batches:
             rows.append(list(range(start, start + len(batch.positions))))
             start += len(batch.positions)
         first = engines[batches[0].name]
+        for batch in batches:
+            engines[batch.name].run_update()  # before their state is read (none is pending where the worker runs)
         with torch.no_grad():
-            logits = mixed_forward([engines[batch.name].adapted for batch in batches], rows, together)
-        source = None
-        if first.settings.shadow_source:
-            with torch.inference_mode():
-                source = first.source(together)  # one frozen source for every stream
+            logits, moments = mixed_forward([engines[batch.name].adapted for batch in batches], rows, together)
+        source = first.shared.predict(together) if first.config.shadow_source else None  # one frozen source for all
         return {
-            batch.name: MixedPrediction(logits[r], source[r] if source is not None else None)
-            for batch, r in zip(batches, rows, strict=True)
+            batch.name: SharedForward(logits[r], m, source[r] if source is not None else None)
+            for batch, r, m in zip(batches, rows, moments, strict=True)
         }
 
     def reset(self, reason: str, name: str | None = None) -> list[str]:

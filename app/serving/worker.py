@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from app.adaptation.guards import softmax_entropy
+from app.adaptation.signals import softmax_entropy
 from app.adaptation.streams import DEFAULT_STREAM, StreamEngines
 from models.data import normalize
 

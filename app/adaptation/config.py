@@ -1,0 +1,184 @@
+"""The adaptation's own configuration, apart from the server's: the engine takes an `AdaptationConfig` and nothing else
+of the settings, so it runs as a library without a model path or a port. `app.config.Settings` is one (it inherits
+these fields, read from the same TTA_ variables and flags); `Settings.adaptation` is the plain part.
+
+Imports no torch: the settings are checked before torch loads (`tta serve` refuses a bad value in a second).
+"""
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.adaptation import methods
+
+Method = Literal[methods.names()]  # the registry's names: one module per method in app/adaptation/methods/
+
+# A field marked so is one of the guards' settings, shown with the guards' on/off in the status snapshot.
+GUARD_SETTING: dict[str, Any] = {"guard_setting": True}
+
+
+def GUARD_SETTING_AS(shown_as: str) -> dict[str, Any]:  # noqa: N802 (reads as the constant above)
+    """A guard setting shown under another name in the status (`min_batch` as `min_batch_size`, as it always was)."""
+    return {"guard_setting": True, "shown_as": shown_as}
+
+
+class AdaptationConfig(BaseModel):
+    """Method, optimiser, guards (README, "Methods and guards") and the source shadow."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    method: Method = Field(  # type: ignore[valid-type]
+        "tent", description="none (frozen), norm (test statistics), tent (test statistics + entropy step)"
+    )
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="optimiser of the entropy step")
+    lr: float = Field(1e-3, gt=0, le=10, description="learning rate of the entropy step")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    steps_per_batch: int = Field(1, ge=1, le=100, description="entropy steps per adaptation batch")
+    stats_horizon: int = Field(
+        2560,
+        ge=1,
+        description="images over which the class-balanced test statistics average (small-batch guard)",
+        json_schema_extra=GUARD_SETTING,
+    )
+    guard_reliable: bool = Field(True, description="adapt only on samples with entropy < reliable_entropy * ln C")
+    reliable_entropy: float = Field(
+        0.4,
+        gt=0,
+        le=1,
+        description="the reliable-sample threshold, as a fraction of ln C",
+        json_schema_extra=GUARD_SETTING,
+    )
+    guard_reweight: bool = Field(
+        True, description="weight each sample's entropy by 1 / the recent share of its predicted class (DELTA)"
+    )
+    guard_balance: bool = Field(
+        True, description="no step on a batch whose predictions concentrate on few classes (class-sorted traffic)"
+    )
+    balance_entropy: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="no step when the entropy of the batch's predicted classes is below this * ln min(C, batch size)",
+        json_schema_extra=GUARD_SETTING,
+    )
+    guard_min_batch: bool = Field(True, description="never normalise or step on a batch smaller than min_batch alone")
+    min_batch: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="images per entropy step: smaller batches are buffered until this many have been predicted",
+        json_schema_extra=GUARD_SETTING_AS("min_batch_size"),
+    )
+    # Poisoning within a stream (docs/reliability/poisoning.md): what the class-balanced statistics and the entropy
+    # step admit. Noise far from anything the model was trained on is held back; while one class takes most of the
+    # recent predictions (a flood of one class, or a collapse), no class's statistics may run ahead of the others'.
+    guard_plausible: bool = Field(
+        True,
+        description="an image joins the class-balanced statistics, and the entropy step, only if its features are "
+        "within plausible_distance of the source's",
+    )
+    plausible_distance: float = Field(
+        0.4,
+        gt=0,
+        description="the most an image's mean squared source-normalised feature distance may be (over every channel "
+        "of every BatchNorm layer: (image's channel mean - source mean)^2 / source variance)",
+        json_schema_extra=GUARD_SETTING,
+    )
+    guard_class_pace: bool = Field(
+        True,
+        description="while one class takes class_pace_trigger of the recent predictions, an image joins the "
+        "class-balanced statistics, and the entropy step, only if its class's stay within class_pace_margin of "
+        "the median class's freshness",
+    )
+    class_pace_trigger: float = Field(
+        0.67,
+        gt=0,
+        le=1,
+        description="share of the recent predictions (diversity_window) one class must take for the pace to bind",
+        json_schema_extra=GUARD_SETTING,
+    )
+    class_pace_margin: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="how far one class's statistics may be fresher than the median class's (share of the moments "
+        "brought by the last stats_horizon images)",
+        json_schema_extra=GUARD_SETTING,
+    )
+    guard_grad_clip: bool = Field(True, description="clip the gradient norm of the adapted parameters")
+    grad_clip_norm: float = Field(
+        1.0, gt=0, description="the norm gradients are clipped to", json_schema_extra=GUARD_SETTING
+    )
+    guard_nonfinite: bool = Field(True, description="roll back a step with a non-finite loss, gradient or parameter")
+    guard_collapse: bool = Field(True, description="reset when the entropy EMA or the prediction diversity collapses")
+    collapse_entropy: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="reset when the entropy EMA falls below this * ln C",
+        json_schema_extra=GUARD_SETTING,
+    )
+    entropy_ema_decay: float = Field(
+        0.9, ge=0, lt=1, description="entropy EMA decay per min_batch images (the same average at any batch size)"
+    )
+    collapse_diversity: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="reset when the entropy of the mean prediction over the window falls below this * ln C",
+        json_schema_extra=GUARD_SETTING,
+    )
+    diversity_window: int = Field(
+        2048, ge=16, description="recent predictions the diversity check looks at", json_schema_extra=GUARD_SETTING
+    )
+    guard_drift: bool = Field(True, description="reset when the adapted parameters drift too far from the source")
+    drift_max: float = Field(
+        0.5,
+        gt=0,
+        description="reset when ||theta - theta_source|| / ||theta_source|| passes this",
+        json_schema_extra=GUARD_SETTING,
+    )
+    guard_anchor: bool = Field(True, description="after every step, pull the adapted parameters toward the source")
+    anchor_rate: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="fraction of the way back to the source parameters after every step",
+        json_schema_extra=GUARD_SETTING,
+    )
+    reset_every_steps: int = Field(0, ge=0, description="periodic reset; 0 = off", json_schema_extra=GUARD_SETTING)
+    shadow_source: bool = Field(False, description="also predict with the frozen source model, for comparison")
+
+    def adaptation_config(self) -> "AdaptationConfig":
+        """This configuration alone: a plain AdaptationConfig even where `self` is the server's Settings."""
+        return AdaptationConfig(**{name: getattr(self, name) for name in AdaptationConfig.model_fields})
+
+    def reliable_threshold(self, num_classes: int) -> float:
+        return self.reliable_entropy * math.log(num_classes)
+
+    def balance_threshold(self, num_classes: int, batch_size: int) -> float:
+        # ln min(C, n), the most even histogram n predictions can make: against ln C alone, 64 predictions of 1,000
+        # classes pass 0.6 ln 1000 = 4.14 nats only when all 64 differ (ln 64 = 4.16), about one batch in eight.
+        return self.balance_entropy * math.log(min(num_classes, batch_size))
+
+    def guards(self) -> dict[str, bool]:
+        """Every guard's on/off, by name (the field guard_<name>)."""
+        return {name: getattr(self, f"guard_{name}") for name in guard_names()}
+
+    def guard_status(self) -> dict[str, Any]:
+        """The guards' on/off and their settings, as /v1/status shows them."""
+        shown = {}
+        for name, field in AdaptationConfig.model_fields.items():
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and extra.get("guard_setting"):
+                shown[str(extra.get("shown_as", name))] = getattr(self, name)
+        return {**self.guards(), **shown}
+
+    def without_guards(self) -> "AdaptationConfig":
+        """TENT as published: every guard off (of the same class: Settings stay Settings)."""
+        return self.model_copy(update={f"guard_{name}": False for name in guard_names()})
+
+
+def guard_names() -> tuple[str, ...]:
+    return tuple(name.removeprefix("guard_") for name in AdaptationConfig.model_fields if name.startswith("guard_"))
