@@ -20,6 +20,7 @@ from app.config import Settings
 from app.metrics.ledger import PredictionLedger
 from app.metrics.prometheus import ServiceMetrics
 from app.serving.batcher import Batcher
+from app.serving.capture import Capture
 from app.serving.persistence import Persistence, SnapshotFile, model_digest
 from app.serving.preprocess import ImageDecoder, ImageLimits
 from app.serving.worker import ModelWorker
@@ -43,6 +44,7 @@ class Service:
     metrics: ServiceMetrics
     decoder: ImageDecoder
     persistence: Persistence
+    capture: Capture
     started: float
 
 
@@ -90,7 +92,9 @@ def build_service(settings: Settings, loaded: tuple[torch.nn.Module, ModelCard] 
     metrics.read_at_scrape(batcher, worker, ledger, persistence, settings.shadow_source)
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_request_pixels)
     decoder = ImageDecoder(card.input_size, limits, settings.decode_threads or None, resize=card.resize)
-    return Service(settings, card, device, worker, batcher, ledger, metrics, decoder, persistence, time.time())
+    capture = Capture(settings.capture_dir, card.class_names, settings.capture_max_images, settings.capture_max_streams)
+    metrics.registry.register(capture)
+    return Service(settings, card, device, worker, batcher, ledger, metrics, decoder, persistence, capture, time.time())
 
 
 def create_app(settings: Settings | None = None, loaded: tuple[torch.nn.Module, ModelCard] | None = None) -> FastAPI:
@@ -104,6 +108,7 @@ def create_app(settings: Settings | None = None, loaded: tuple[torch.nn.Module, 
         await service.persistence.restore()  # before the first batch, which then adapts the restored state
         service.batcher.start()
         service.persistence.start()
+        service.capture.start()
         app.state.service = service
         log.info(
             "serving %s (%s) on %s with method %s",
@@ -117,6 +122,7 @@ def create_app(settings: Settings | None = None, loaded: tuple[torch.nn.Module, 
         await service.persistence.stop()  # the last snapshot: after the batcher has drained, before the worker stops
         service.worker.stop()
         service.decoder.close()
+        service.capture.stop()
 
     # FastAPIOffline: /docs and /redoc with Swagger UI and ReDoc served from the fastapi-offline package, no CDN
     app = FastAPIOffline(

@@ -62,7 +62,6 @@ class _Reservoir:
 
     seen: int = 0
     ids: list[str] = field(default_factory=list)  # slot -> prediction id
-    slot_of: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +99,7 @@ class Capture(Collector):
         self.max_images, self.max_streams = max_images, max_streams
         self._rng = random.Random(seed)
         self._reservoirs: dict[str, _Reservoir] = {}
+        self._kept: dict[str, tuple[str, int]] = {}  # prediction id -> (stream, slot), every stream's: one lookup
         self._queue: queue.Queue[_Put | _Label | None] = queue.Queue(QUEUE_SIZE)
         self._thread: threading.Thread | None = None
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
@@ -143,9 +143,9 @@ class Capture(Collector):
         if outcome == "kept":
             reservoir.ids.append(prediction_id)
         else:
-            del reservoir.slot_of[reservoir.ids[slot]]
+            del self._kept[reservoir.ids[slot]]
             reservoir.ids[slot] = prediction_id
-        reservoir.slot_of[prediction_id] = slot
+        self._kept[prediction_id] = (stream, slot)
         self.outcomes[outcome] += 1
 
     def label(self, pairs: Iterable[tuple[str, int]]) -> None:
@@ -153,14 +153,11 @@ class Capture(Collector):
         if not self.enabled:
             return
         for prediction_id, label in pairs:
-            for stream, reservoir in self._reservoirs.items():
-                slot = reservoir.slot_of.get(prediction_id)
-                if slot is not None:
-                    try:
-                        self._queue.put_nowait(_Label(stream, slot, prediction_id, label))
-                    except queue.Full:
-                        self.labels_dropped += 1
-                    break
+            if (kept := self._kept.get(prediction_id)) is not None:
+                try:
+                    self._queue.put_nowait(_Label(*kept, prediction_id, label))
+                except queue.Full:
+                    self.labels_dropped += 1
 
     # --- lifecycle ---
 
@@ -209,7 +206,8 @@ class Capture(Collector):
         except (OSError, ValueError, KeyError, TypeError):
             seen = len(files)
         ids = [FILE_NAME.match(p.name).group(1) for p in files]
-        self._reservoirs[stream] = _Reservoir(max(seen, len(files)), ids, {i: s for s, i in enumerate(ids)})
+        self._reservoirs[stream] = _Reservoir(max(seen, len(files)), ids)
+        self._kept.update({prediction_id: (stream, slot) for slot, prediction_id in enumerate(ids)})
         self._files[stream] = dict(enumerate(files))
         for path in files:
             self.on_disk[self._state(path)] += 1
