@@ -18,8 +18,8 @@ the returned prediction, of the default (tent with every guard on), run in-proce
   label-prior correction (as ROID's and LAME's exploit class-sorted traffic) that needs no batch, so it works at
   batch 1. Only the answer changes: the statistics and the entropy step see the model's own prediction.
 
-It runs against the engine of commit 4c424da (it subclasses that commit's `norm.TestTimeBatchNorm`); the method
-registry (app/adaptation/methods/) is where the chosen variant becomes a method. Records are bench.stream's, so
+It subclasses `norm.TestTimeBatchNorm` (its `add_moments`, as of commit 1f87405); the method registry
+(app/adaptation/methods/) is where the chosen variant would become a method. Records are bench.stream's, so
 `python -m bench.compare` tabulates them::
 
     python -m bench.domain_tracking --severity 3 --per-class 50 --scenario continual --fast-layers 7 \\
@@ -83,23 +83,26 @@ class TrackingBatchNorm(norm.TestTimeBatchNorm):
         return scale, self.bias - mean * scale
 
     @torch.no_grad()
-    def commit(
-        self, predicted: torch.Tensor, admitted: torch.Tensor | None = None, freshness: torch.Tensor | None = None
+    def add_moments(
+        self,
+        means: torch.Tensor,
+        sqmeans: torch.Tensor,
+        predicted: torch.Tensor,
+        admitted: torch.Tensor | None = None,
+        freshness: torch.Tensor | None = None,
     ) -> None:
-        if self._pending is not None:
-            means, sqmeans = self._pending
-            kept = torch.isfinite(means).all(1) & torch.isfinite(sqmeans).all(1)
-            if admitted is not None:
-                kept &= admitted.to(kept.device)
-            if self.fast:
-                _running_update(self.fast_mean, means[kept], self.fast_momentum)
-                _running_update(self.fast_sqmean, sqmeans[kept], self.fast_momentum)
-            elif self.shift_momentum and bool(kept.any()):
-                rows = predicted.to(means.device)[kept] % len(self.class_mean)
-                share = 1 - (1 - self.shift_momentum) ** int(kept.sum())
-                for running, batch in ((self.class_mean, means[kept]), (self.class_sqmean, sqmeans[kept])):
-                    running.add_(share * (batch - running[rows]).mean(0))
-        super().commit(predicted, admitted, freshness)
+        kept = torch.isfinite(means).all(1) & torch.isfinite(sqmeans).all(1)
+        if admitted is not None:
+            kept &= admitted.to(kept.device)
+        if self.fast:
+            _running_update(self.fast_mean, means[kept], self.fast_momentum)
+            _running_update(self.fast_sqmean, sqmeans[kept], self.fast_momentum)
+        elif self.shift_momentum and bool(kept.any()):
+            rows = predicted.to(means.device)[kept] % len(self.class_mean)
+            share = 1 - (1 - self.shift_momentum) ** int(kept.sum())
+            for running, batch in ((self.class_mean, means[kept]), (self.class_sqmean, sqmeans[kept])):
+                running.add_(share * (batch - running[rows]).mean(0))
+        super().add_moments(means, sqmeans, predicted, admitted, freshness)
 
 
 def install(fast_layers: int, fast_horizon: int, shift_horizon: int) -> None:
