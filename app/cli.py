@@ -1,5 +1,5 @@
 """`tta serve`: run the server, with a flag per setting that overrides its TTA_ variable only when given; and the
-model commands (`tta import`, `tta card`, `tta card-schema`, app/model_cli.py)."""
+model commands (`tta import`, `tta card`, `tta card-schema`, app/model_cli.py; `tta finetune`, app/finetune_cli.py)."""
 
 import argparse
 import logging
@@ -13,6 +13,7 @@ from pydantic_settings import CliSettingsSource, SettingsError
 from uvicorn.config import LOG_LEVELS
 
 from app.config import Settings, is_loopback
+from app.finetune_cli import add_finetune_command
 from app.model_cli import add_model_commands
 from app.predict_cli import add_predict_command
 from app.serving.http_timeouts import with_read_timeouts
@@ -86,6 +87,14 @@ def device_problem(name: str) -> str | None:
     return f"TTA_DEVICE={name}, but this machine has {present}; use cpu or auto"
 
 
+def serve_replicas(settings: Settings, replicas: int, log_level: str) -> None:
+    try:
+        from app.ray_app import serve_locally
+    except ImportError as error:
+        refuse(f"--replicas needs Ray Serve, and {error.name} is not installed: pip install -e '.[ray]'")
+    serve_locally(settings, replicas, log_level)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tta", description="Test-time adaptation inference server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,8 +107,16 @@ def main(argv: list[str] | None = None) -> None:
         "in memory at start, as `tta import` would.",
     )
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="scale out: N replicas on a local Ray cluster, every stream's requests on one of them (needs the "
+        ".[ray] extra; app/ray_app.py, README: Scale out)",
+    )
     flags = settings_flags(serve)
     add_model_commands(commands)
+    add_finetune_command(commands)
     add_predict_command(commands)
     add_status_command(commands)
     args = parser.parse_args(argv)
@@ -107,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
         return
     settings = serve_settings(args, flags)
+    if args.replicas is not None and args.replicas < 1:
+        refuse(f"--replicas {args.replicas}: give 1 or more")
     logging.basicConfig(level=LOG_LEVELS[args.log_level], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.admin_token is None and not is_loopback(settings.host):
         logging.getLogger("tta").warning(
@@ -125,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     from app.serving.calibration import scaled_timeout
 
     settings = scaled_timeout(settings, *loaded)  # a model whose batch takes a minute gets a longer default timeout
+    if args.replicas is not None:
+        serve_replicas(settings, args.replicas, args.log_level)
+        return
     try:
         app = create_app(settings, loaded)
     except KeyFileError as error:
