@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +105,8 @@ class TrackingBatchNorm(norm.TestTimeBatchNorm):
         super().add_moments(means, sqmeans, predicted, admitted, freshness)
 
 
-def install(fast_layers: int, fast_horizon: int, shift_horizon: int) -> None:
-    """Make `norm.configure` build `TrackingBatchNorm` layers (numbered in module order) for new engines."""
+def tracking_layers(fast_layers: int, fast_horizon: int, shift_horizon: int) -> Callable[..., list[TrackingBatchNorm]]:
+    """A stand-in for `norm._replace_batchnorms` that builds `TrackingBatchNorm` layers, numbered in module order."""
 
     def replace(model: torch.nn.Module, robust: bool, horizon: int, num_classes: int) -> list[TrackingBatchNorm]:
         replaced = []
@@ -120,7 +120,7 @@ def install(fast_layers: int, fast_horizon: int, shift_horizon: int) -> None:
                     replaced.append(layer)
         return replaced
 
-    norm._replace_batchnorms = replace
+    return replace
 
 
 def run(stream: bench_stream.Stream, batch_size: int, prior_horizon: int, prior_floor: float) -> bench_stream.RunOutput:
@@ -175,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    install(args.fast_layers, args.fast_horizon, args.shift_horizon)
+    # every engine this process builds gets the variant's layers (norm.configure calls this)
+    norm._replace_batchnorms = tracking_layers(args.fast_layers, args.fast_horizon, args.shift_horizon)
     chosen = set(args.corruptions.split(","))
     names = [name for name in (*CORRUPTIONS, *HELD_OUT) if name in chosen]
     paths = bench_stream.ensure_corrupted(names, args.severity, args.per_class, bench_stream.DEFAULT_CACHE)
