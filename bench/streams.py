@@ -632,6 +632,11 @@ def _nested_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+# One per source, held by its `Source` and shared by all its streams (not per stream since they share it).
+SHARED_RESET_POINT = "reset point (Source.initial: parameters + statistics), one per source"
+SHARED_ANCHOR = "anchor's source parameters (Source.source_params), one per source"
+
+
 def engine_parts(engine: Any) -> dict[str, list[torch.Tensor]]:
     """Every tensor an AdaptationEngine holds on its own, by what it is for (the frozen backbone is the source's)."""
     from app.adaptation.norm import TestTimeBatchNorm
@@ -644,8 +649,8 @@ def engine_parts(engine: Any) -> dict[str, list[torch.Tensor]]:
         "adapted parameters (norm weight and bias)": list(engine.params),
         "class-balanced statistics (2 moments x rows x channels)": statistics,
         "other tensors of the adapted copy": list(engine.adapted.parameters()) + list(engine.adapted.buffers()),
-        "_initial_state (reset point: parameters + statistics)": _nested_tensors(engine.shared.initial),
-        "_source_params (anchor)": list(engine.shared.source_params),
+        SHARED_RESET_POINT: _nested_tensors(engine.shared.initial),
+        SHARED_ANCHOR: list(engine.shared.source_params),
         "optimizer state (Adam exp_avg, exp_avg_sq)": _nested_tensors(engine.state.optimizer.state_dict()["state"])
         if engine.state.optimizer is not None
         else [],
@@ -697,15 +702,23 @@ def measure_model(
     from app.adaptation.engine import AdaptationEngine
     from app.config import Settings
 
-    # Default settings but for two guards that hold no state: random inputs (and a resnet50's random weights) give
-    # near-uniform predictions, which the reliability and class-balance guards rightly refuse to step on, and Adam's
-    # state exists only after a step. The path is not read.
-    settings = Settings(model=DEFAULT_MODEL, device="cpu", guard_reliable=False, guard_balance=False)
+    # Default settings but for three guards that hold no state: random inputs (and a resnet50's random weights) give
+    # near-uniform predictions and features far from the source's, which the reliability, class-balance and
+    # plausibility guards rightly refuse to step on, and Adam's state exists only after a step. The path is not read.
+    settings = Settings(
+        model=DEFAULT_MODEL, device="cpu", guard_reliable=False, guard_balance=False, guard_plausible=False
+    )
     source = source.eval()
     generator = torch.Generator().manual_seed(0)
 
+    first: list[Any] = []
+
     def new_stream() -> Any:
-        engine = AdaptationEngine(source, num_classes, settings, torch.device("cpu"))
+        # every stream after the first shares its Source (frozen model, reset point, anchor), as StreamEngines does
+        engine = (
+            first[0].sharing_source() if first else AdaptationEngine(source, num_classes, settings, torch.device("cpu"))
+        )
+        first[:1] = [first[0] if first else engine]
         for _ in range(2):  # two full batches: Adam's state exists, statistics and parameters moved
             engine.step(torch.randn(settings.min_batch, 3, step_size, step_size, generator=generator))
         if engine.stats.steps_since_reset != 2 or not engine.state.optimizer.state:
@@ -744,10 +757,9 @@ def measure_model(
         "bn_channels": sum(p.numel() for p in kept[0].params) // 2,
         "at_rest_bytes": at_rest,
         "at_rest_total": sum(at_rest.values()),
-        # the same for every stream (the source's own state): one copy could serve them all
-        "at_rest_total_without_source_copies": sum(at_rest.values())
-        - at_rest["_initial_state (reset point: parameters + statistics)"]
-        - at_rest["_source_params (anchor)"],
+        # what one more stream costs: all but the parts its Source holds once for every stream
+        "at_rest_per_stream": sum(at_rest.values()) - at_rest[SHARED_RESET_POINT] - at_rest[SHARED_ANCHOR],
+        "worst_per_stream": sum(worst.values()) - worst[SHARED_RESET_POINT] - worst[SHARED_ANCHOR],
         "worst_bytes": worst,
         "worst_total": sum(worst.values()),
         "rss_streams": rss_streams,
@@ -919,6 +931,9 @@ def markdown() -> str:
             lines.append(f"| {part} | " + " | ".join(cells) + " |")
         totals = [f"**{_mb(r['at_rest_total'])}** | **{_mb(r['worst_total'])}**" for r in mem["rows"]]
         lines.append("| **total** | " + " | ".join(totals) + " |")
+        if all("at_rest_per_stream" in r for r in mem["rows"]):
+            each = [f"**{_mb(r['at_rest_per_stream'])}** | **{_mb(r['worst_per_stream'])}**" for r in mem["rows"]]
+            lines.append("| **per stream** (the total less what the source holds once) | " + " | ".join(each) + " |")
         rss = [f"{_mb(r['rss_per_stream_bytes'])} ({r['rss_streams']} streams) | " for r in mem["rows"]]
         lines.append("| RSS growth per stream | " + " | ".join(rss) + " |")
         trimmed = [f"{_mb(r['trimmed_rss_per_stream_bytes'])} | " for r in mem["rows"]]

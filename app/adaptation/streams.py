@@ -1,8 +1,9 @@
 """Streams: every camera or tenant adapts on its own state, in one server.
 
 A stream is a name; each has its own `AdaptationEngine` (adapted parameters, test statistics, optimiser, small-batch
-buffer, guard signals, counters) over one frozen backbone that all share (`norm.configure` copies only the
-normalisation layers), so an extra stream costs only what it adapts. At most `max_streams` are kept: beyond that,
+buffer, guard signals, counters) over one `Source` that all share: the frozen backbone (`norm.configure` copies only
+the normalisation layers), the reset point and the anchor's source parameters, so an extra stream costs only what it
+adapts. At most `max_streams` are kept: beyond that,
 the least recently used one is evicted and starts again from the source if it comes back.
 
 A model batch may hold several streams' images: each stream's images go through its own engine, in the order the
@@ -41,7 +42,9 @@ class StreamBatch:
 
 class StreamEngines:
     def __init__(self, new_engine: Callable[[], AdaptationEngine], max_streams: int) -> None:
+        """`new_engine` makes the first stream's engine; every later stream shares its `Source`."""
         self._new_engine = new_engine
+        self._first: AdaptationEngine | None = None
         self.max_streams = max_streams
         self._engines: OrderedDict[str, AdaptationEngine] = OrderedDict()  # least recently used first
         self.evicted = 0
@@ -63,11 +66,17 @@ class StreamEngines:
                 _, oldest = self._engines.popitem(last=False)
                 self._evicted_totals.update(_totals(oldest.snapshot()))
                 self.evicted += 1
-            engine = self._engines[name] = self._new_engine()
+            engine = self._engines[name] = self._new_stream()
         else:
             self._engines.move_to_end(name)
         self._touched.add(name)
         return engine
+
+    def _new_stream(self) -> AdaptationEngine:
+        if self._first is None:
+            self._first = self._new_engine()
+            return self._first
+        return self._first.sharing_source()
 
     def step(self, x: torch.Tensor, streams: list[str]) -> list[tuple[StreamBatch, StepResult]]:
         """`predict`, then every stream's update: each result's step counts the steps after its update."""
@@ -136,7 +145,7 @@ class StreamEngines:
         all or none: the first that does not fit raises and the current streams stay."""
         engines: OrderedDict[str, AdaptationEngine] = OrderedDict()
         for name, state in list(states.items())[-self.max_streams :]:
-            engines[name] = self._new_engine()
+            engines[name] = self._new_stream()
             engines[name].load_state_dict(state)
         self._engines = engines
         self._touched.update(engines)
