@@ -3,6 +3,7 @@
 import asyncio
 import copy
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -511,6 +512,37 @@ def test_single_image_stream_is_at_least_as_accurate_as_the_source(source, noisy
     adapted = prequential_accuracy(engine(source), x, y, 1)
     frozen = prequential_accuracy(engine(source, method="none"), x, y, 1)
     assert adapted >= frozen, (adapted, frozen)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_batch_is_answered_before_the_step_it_causes(anyio_backend: str, source, clean) -> None:
+    """The worker resolves a batch's requests, then runs its adaptation: here the step cannot start until the test
+    has the answer (it waits on a gate the test opens only then), and the answer shows the step count before it."""
+    x, _ = clean
+    served = engine(source, min_batch=16, guard_balance=False, guard_reliable=False, guard_plausible=False)
+    gate, opened_first = threading.Event(), []
+    method = served.shared.method
+    adapt = method.adapt
+
+    def gated_adapt(*args: object) -> None:
+        opened_first.append(gate.wait(timeout=30))  # False: the answer never came before the step
+        adapt(*args)
+
+    method.adapt = gated_adapt
+    worker = ModelWorker(StreamEngines(lambda: served, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), top_k=3)
+    worker.start()
+    try:
+        pixels = ((x[:16] * 0.25 + 0.5).clamp(0, 1) * 255).to(torch.uint8)  # the worker normalises uint8 images
+        answered = await asyncio.wait_for(worker.predict([pixels], ["default"]), timeout=30)
+        assert answered.step == [0] * 16, "predicted before the step it causes"
+        gate.set()
+        await worker.settled()
+        assert opened_first == [True], "the step ran only after the answer was out"
+        assert worker.snapshot["steps_since_reset"] == 1, "and it did run, before the next job"
+    finally:
+        gate.set()
+        worker.stop()
 
 
 @pytest.mark.anyio

@@ -371,6 +371,12 @@ def test_kill_9_under_load_then_restart_loses_nothing_older_than_one_snapshot_in
                 break
             time.sleep(0.3)
         assert status["persistence"]["snapshots"] >= 3, status
+        taken = status["persistence"]["snapshots"]  # that many, some perhaps before the third step: one more after it
+        while (
+            time.monotonic() < deadline
+            and httpx.get(f"{url}/v1/status", timeout=30).json()["persistence"]["snapshots"] <= taken
+        ):
+            time.sleep(0.1)
         process.send_signal(signal.SIGKILL)
         killed_at = time.time()
         process.wait(timeout=30)

@@ -130,10 +130,10 @@ async def test_streams_over_http(anyio_backend: str, model_path: Path, jpeg_imag
             ok = await client.post("/predict", files=files, data={"labels": labels}, headers={"X-TTA-Stream": "cam-1"})
             assert ok.status_code == 200, ok.text
         by_field = await client.post("/predict", json={"images": encoded, "stream": "tenant:b"})
-        assert by_field.status_code == 200 and by_field.json()["adaptation_step"] == 1
-        assert ok.json()["adaptation_step"] == 4, "cam-1 took its own four steps"
+        assert by_field.status_code == 200 and by_field.json()["adaptation_step"] == 0, "predicted before its step"
+        assert ok.json()["adaptation_step"] == 3, "cam-1's own steps: three before its fourth batch was answered"
         plain = await client.post("/predict", files=files)
-        assert plain.json()["adaptation_step"] == 1, "the default stream has its own state"
+        assert plain.json()["adaptation_step"] == 0, "the default stream has its own state"
         for bad in ("", "x" * 65, "has space", "ünï"):
             refused = await client.post("/predict", files=files, headers={"X-TTA-Stream": bad.encode()})
             assert (refused.status_code, refused.json()["error"]) == (422, "invalid_stream"), bad
@@ -152,8 +152,8 @@ async def test_streams_over_http(anyio_backend: str, model_path: Path, jpeg_imag
         assert (await client.post("/reset", params={"stream": "nope"})).status_code == 404
 
         await client.post("/predict", files=files, headers={"X-TTA-Stream": "fourth"})  # past max_streams=3
-        metrics = (await client.get("/metrics")).text
-        status = (await client.get("/v1/status")).json()["adaptation"]
+        status = (await client.get("/v1/status")).json()["adaptation"]  # waits for the batches' adaptation
+        metrics = (await client.get("/metrics")).text  # read at scrape, without waiting: after the status
     assert metric_value(metrics, "tta_streams_active") == 3
     assert metric_value(metrics, "tta_streams_evicted_total") == 1
     assert status["streams"] == {"active": 3, "max": 3, "evicted": 1}

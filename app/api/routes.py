@@ -119,6 +119,7 @@ async def predict(request: Request) -> Response:
         service.ledger.record(
             prediction_id, LedgerEntry(out.class_index[i], source, out.entropy[i], now, step, stream=stream), label
         )
+        service.capture.offer(stream, prediction_id, images[i - result.offset], out.class_index[i], label)
         predictions.append(
             {
                 "id": prediction_id,
@@ -155,6 +156,7 @@ async def feedback(request: Request) -> dict[str, int]:
     for stream in service.ledger.streams_of([item.id for item in items]):
         require_stream_access(request, stream)
     outcomes = service.ledger.label_all([(item.id, item.label) for item in items])
+    service.capture.label((item.id, item.label) for item in items)
     return {"labelled": len(outcomes), "correct": sum(outcomes)}
 
 
@@ -181,6 +183,7 @@ async def reset(
 @router.get("/v1/streams", response_model=StreamsResponse, summary="Every stream's adaptation and prequential figures")
 async def streams(request: Request) -> dict[str, Any]:
     service = _service(request)
+    await service.worker.settled()  # the adaptation of every batch answered before this request
     snapshots = service.worker.stream_snapshots
     return {
         "streams": [stream_status(service, name, snapshot) for name, snapshot in snapshots.items()],
@@ -197,6 +200,7 @@ async def streams(request: Request) -> dict[str, Any]:
 )
 async def one_stream(request: Request, stream: str) -> dict[str, Any]:
     service = _service(request)
+    await service.worker.settled()  # the adaptation of every batch answered before this request
     snapshot = service.worker.stream_snapshots.get(stream)
     if snapshot is None:
         raise ApiError(404, "unknown_stream", f"no stream {stream[:80]!r} (never seen, or evicted)")
@@ -211,6 +215,7 @@ def stream_status(service: Any, name: str, snapshot: dict[str, Any]) -> dict[str
 @router.get("/v1/status", response_model=StatusResponse, summary="Method, model, adaptation and guard state, figures")
 async def status(request: Request) -> dict[str, Any]:
     service = _service(request)
+    await service.worker.settled()  # the adaptation of every batch answered before this request
     settings, card, snapshot = service.settings, service.card, service.worker.snapshot
     scores = service.ledger.scores
     prequential: dict[str, Any] = {

@@ -22,7 +22,10 @@ class Prediction(BaseModel):
 
 class PredictResponse(BaseModel):
     predictions: list[Prediction] = Field(description="one per image, in the order the images were sent")
-    adaptation_step: int = Field(description="adaptation steps since the last reset, after this request's batch")
+    adaptation_step: int = Field(
+        description="adaptation steps since the last reset when this request's batch was predicted (a step the batch "
+        "causes runs after the answer)"
+    )
 
 
 # Labels are strict JSON integers: "3", 3.0 and true are refused (422) rather than read as 3 or 1, because a client

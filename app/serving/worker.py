@@ -1,7 +1,14 @@
-"""The model worker: exactly one thread owns the model and runs every batch and every reset, in order."""
+"""The model worker: exactly one thread owns the model and runs every batch and every reset, in order.
+
+A batch is two jobs on that thread: the prediction, whose answer resolves the batch's requests at once, then the
+adaptation it causes (the statistics, the entropy step, a buffered step that this batch completed, guard resets),
+run straight after, before the next job. No update ever runs inside a prediction, and every prediction is made
+before any update it causes (the prequential contract); the request that completes an adaptation batch is answered
+before that step, not after it."""
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import queue
 import sys
@@ -22,6 +29,9 @@ from models.data import normalize
 # overload on a 2-core machine busy with other work, 503 p99 was 0.16-1.9 s at equal priority, 0.03-0.14 s at +5/+10.
 MODEL_THREAD_NICE = 5
 
+log = logging.getLogger(__name__)
+Job = Callable[[], tuple[Any, Callable[[], None] | None]]  # its result, and what runs after the result is given
+
 
 def lower_this_threads_priority(by: int = MODEL_THREAD_NICE) -> None:
     if sys.platform == "linux":  # a thread's own nice value; elsewhere the call would name a whole process
@@ -39,7 +49,7 @@ class BatchOutput:
     top_k_index: list[list[int]]
     top_k_confidence: list[list[float]]
     source_class_index: list[int] | None
-    step: list[int]  # of each image's stream: its adaptation steps since its last reset, after this batch
+    step: list[int]  # of each image's stream: its adaptation steps since its last reset when it was predicted
     seconds: dict[str, float]  # duration of each phase
 
 
@@ -49,7 +59,8 @@ class ModelWorker:
         self.engine = streams.engine(DEFAULT_STREAM)  # the stream of every request that names none
         self.top_k = min(top_k, self.engine.num_classes)
         self.mean, self.std = mean, std
-        self._jobs: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
+        # Each job returns its result and what runs after its future resolves (None: nothing).
+        self._jobs: queue.Queue[tuple[Job, concurrent.futures.Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         # Both replaced (never mutated) after every job, so other threads read them without a lock.
         self._fresh = self.engine.snapshot()  # what a stream with no state yet looks like
@@ -69,7 +80,7 @@ class ModelWorker:
 
     async def predict(self, images: list[torch.Tensor], streams: list[str]) -> BatchOutput:
         """Run one batch (uint8 N_i x 3 x S x S tensors and the stream of each request) on the worker thread."""
-        return await self._submit(lambda: self._predict(images, streams))
+        return await self._submit_job(lambda: self._answer(images, streams))
 
     async def reset(self, reason: str, stream: str | None = None) -> list[str]:
         """Reset one stream, or every stream (None); returns the streams reset."""
@@ -87,7 +98,15 @@ class ModelWorker:
         self.streams.load_state_dicts(states)
         self.engine = self.streams.engine(DEFAULT_STREAM)
 
+    async def settled(self) -> None:
+        """Returns once every job submitted before it, and the adaptation each caused, has run: a reader of the
+        snapshots after this sees the effect of every batch answered before it."""
+        await self._submit(lambda: None)
+
     async def _submit(self, job: Callable[[], Any]) -> Any:
+        return await self._submit_job(lambda: (job(), None))
+
+    async def _submit_job(self, job: "Job") -> Any:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._jobs.put((job, future))
         return await asyncio.wrap_future(future)
@@ -98,17 +117,24 @@ class ModelWorker:
             job, future = item
             if not future.set_running_or_notify_cancel():
                 continue
-            result, error = None, None
+            result, error, after = None, None, None
             try:
-                result = job()
+                result, after = job()
             except BaseException as caught:  # the worker must outlive any one bad batch
                 error = caught
-            # Before the future resolves: whoever awaited the job (a reset, then GET /v1/status) reads its effect.
-            self._take_snapshots()
+            if after is None:
+                # Before the future resolves: whoever awaited the job (a reset, then GET /v1/status) reads its effect.
+                self._take_snapshots()
             if error is None:
                 future.set_result(result)
             else:
                 future.set_exception(error)
+            if after is not None:  # the adaptation the answered batch causes, before the next job
+                try:
+                    after()
+                except Exception:
+                    log.exception("the adaptation after a batch failed; the stream keeps its state as it was left")
+                self._take_snapshots()
 
     def _take_snapshots(self) -> None:
         self.stream_snapshots = self.streams.snapshots(self.stream_snapshots)
@@ -123,10 +149,19 @@ class ModelWorker:
         }
 
     def _predict(self, images: list[torch.Tensor], streams: list[str]) -> BatchOutput:
+        """The whole batch, answer and adaptation, at once (what `bench.limit` times as the worker's job)."""
+        output, adapt = self._answer(images, streams)
+        if adapt is not None:
+            adapt()
+        return output
+
+    def _answer(self, images: list[torch.Tensor], streams: list[str]) -> tuple[BatchOutput, Callable[[], None] | None]:
+        """The batch's answer, and the adaptation it causes (to run after the answer, before the next batch)."""
         started = time.perf_counter()
         x = normalize(torch.cat(images).to(self.engine.device, non_blocking=True), self.mean, self.std)
         per_image = [stream for batch, stream in zip(images, streams, strict=True) for _ in range(len(batch))]
-        results = self.streams.step(x, per_image)
+        results = self.streams.predict(x, per_image)
+        updates = [result.update for _, result in results if result.update is not None]
         logits = _in_batch_order(len(x), [(share.positions, result.logits) for share, result in results])
         shadowed = all(result.source_logits is not None for _, result in results)
         source_logits = (
@@ -155,7 +190,14 @@ class ModelWorker:
                 seconds={},
             )
         output.seconds = {"model": stepped - started, "postprocess": time.perf_counter() - stepped}
-        return output
+        if not updates:
+            return output, None
+
+        def adapt() -> None:
+            for update in updates:  # each stream's own, in the order the streams first appear in the batch
+                update()
+
+        return output, adapt
 
 
 def _in_batch_order(size: int, parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
