@@ -169,6 +169,21 @@ def test_reset_restores_a_fresh_engine_exactly(source, clean) -> None:
     assert e.stats.resets["manual"] == 1
 
 
+def test_a_copied_state_continues_exactly_as_the_original(source, clean) -> None:
+    x, _ = clean
+    original = engine(source)
+    for i in range(0, 200, 20):
+        original.step(x[i : i + 20])
+    original.step(x[:3])  # something in the small-batch buffer, which the copy must carry too
+    twin = engine(source)
+    twin.state = original.state.copy(twin.shared)
+    for i in range(200, 400, 20):
+        assert torch.equal(original.step(x[i : i + 20]).logits, twin.step(x[i : i + 20]).logits)
+    assert original.stats.steps_total == twin.stats.steps_total > 0
+    state_a, state_b = original.adapted.state_dict(), twin.adapted.state_dict()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
 # ----- guards -----
 
 
