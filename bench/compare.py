@@ -24,12 +24,12 @@ def _cell_key(cell: Cell) -> tuple[Any, ...]:
     return (length, folder, SCENARIOS.index(scenario) if scenario in SCENARIOS else 99, -batch)
 
 
-def _figure(record: dict[str, Any]) -> str:
-    first, rest = switch_errors(record)
+def _figure(record: dict[str, Any], window: int) -> str:
+    first, rest = switch_errors(record, window)
     return f"{record['mean_error']:.2f}" + ("" if rest is None else f" ({first:.1f} / {rest:.1f})")
 
 
-def comparison_table(folders: Sequence[Path]) -> str:
+def comparison_table(folders: Sequence[Path], window: int = SWITCH_WINDOW) -> str:
     runs: dict[tuple[str, Cell], dict[str, Any]] = {}
     for folder in folders:
         for record in load_records(folder):
@@ -46,12 +46,12 @@ def comparison_table(folders: Sequence[Path]) -> str:
         row = []
         for cell in cells:
             record = runs.get((method, cell))
-            text = _figure(record) if record else ""
+            text = _figure(record, window) if record else ""
             row.append(f"**{text}**" if record and record["mean_error"] == best[cell] else text)
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     note = (
         f"\nMean prequential error % per cell (images per domain, scenario, batch); in brackets the error on the "
-        f"first {SWITCH_WINDOW} images after each domain switch / on the rest of the domain (means over domains; "
+        f"first {window} images after each domain switch / on the rest of the domain (means over domains; "
         "only where domains are longer than that); bold: the lowest of the cell at batch > 1.\n"
     )
     return "\n".join(lines) + "\n" + note
@@ -60,8 +60,11 @@ def comparison_table(folders: Sequence[Path]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("::")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="bench.stream --results-dir folders")
+    parser.add_argument(
+        "--switch-window", type=int, default=SWITCH_WINDOW, help="images after each switch (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
-    sys.stdout.write(comparison_table(args.folders))
+    sys.stdout.write(comparison_table(args.folders, args.switch_window))
     return 0
 
 
