@@ -5,9 +5,10 @@ The client is imported only when the command runs, so `tta serve` and the other 
 
 import argparse
 import os
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+
+from app.server_command import add_url_argument, reporting_failures
 
 
 def add_predict_command(commands: Any) -> None:
@@ -19,7 +20,7 @@ def add_predict_command(commands: Any) -> None:
         "server wants one, is read from TTA_CLIENT_API_KEY (never a flag: a command line is visible to every user).",
     )
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    predict.add_argument("--url", default=os.environ.get("TTA_URL"), help="server (TTA_URL; http://127.0.0.1:8000)")
+    add_url_argument(predict)
     predict.add_argument("--labels", help="true class indices, comma-separated, one per image: 3,5")
     predict.add_argument("--stream", help="stream name, sent as X-TTA-Stream")
     predict.add_argument("--batch-size", type=int, help="images per request (64)")
@@ -27,29 +28,18 @@ def add_predict_command(commands: Any) -> None:
     predict.set_defaults(run=run_predict)
 
 
-def fail(message: str) -> NoReturn:
-    print(f"tta predict: {message}", file=sys.stderr)
-    raise SystemExit(1)
-
-
 def run_predict(args: argparse.Namespace) -> None:
     """Prints the predictions; a refusal or an unreachable server is one line on stderr and exit status 1."""
-    import httpx
-
-    from app.client import DEFAULT_BATCH_SIZE, DEFAULT_URL, TTAClient, TTAError
+    from app.client import DEFAULT_BATCH_SIZE, DEFAULT_URL, TTAClient
 
     url = args.url or DEFAULT_URL
-    try:
+    with reporting_failures("predict", url, also=(ValueError, OSError)):
         labels = [int(label) for label in args.labels.split(",")] if args.labels else None
         api_key = os.environ.get("TTA_CLIENT_API_KEY")
         with TTAClient(
             url, api_key=api_key, stream=args.stream, batch_size=args.batch_size or DEFAULT_BATCH_SIZE
         ) as tta:
             answer = tta.predict(args.images, labels)
-    except httpx.TransportError as error:
-        fail(f"cannot reach {url}: {error}")
-    except (TTAError, ValueError, OSError) as error:
-        fail(str(error))
     if args.json:
         print(answer.model_dump_json(indent=2))
         return

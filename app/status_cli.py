@@ -5,10 +5,10 @@ dependency. The client is imported only when the command runs, so the other comm
 """
 
 import argparse
-import os
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
+
+from app.server_command import add_url_argument, reporting_failures
 
 if TYPE_CHECKING:
     from app.api.schemas import StatusResponse, StreamsResponse
@@ -26,29 +26,17 @@ def add_status_command(commands: Any) -> None:
         "adaptation steps (in all, and since the last reset), resets and skipped batches by reason, entropy EMA, "
         "parameter drift, buffered images, labels and prequential accuracy (adapted; source with the shadow).",
     )
-    status.add_argument("--url", default=os.environ.get("TTA_URL"), help="server (TTA_URL; http://127.0.0.1:8000)")
+    add_url_argument(status)
     status.set_defaults(run=run_status)
-
-
-def fail(message: str) -> NoReturn:
-    print(f"tta status: {message}", file=sys.stderr)
-    raise SystemExit(1)
 
 
 def run_status(args: argparse.Namespace) -> None:
     """Prints the status; a refusal or an unreachable server is one line on stderr and exit status 1."""
-    import httpx
-
-    from app.client import DEFAULT_URL, TTAClient, TTAError
+    from app.client import DEFAULT_URL, TTAClient
 
     url = args.url or DEFAULT_URL
-    try:
-        with TTAClient(url, retries=0) as tta:
-            status, streams = tta.status(), tta.streams()
-    except httpx.TransportError as error:
-        fail(f"cannot reach {url}: {error}")
-    except TTAError as error:
-        fail(str(error))
+    with reporting_failures("status", url), TTAClient(url, retries=0) as tta:
+        status, streams = tta.status(), tta.streams()
     print(render(url, status, streams))
 
 
