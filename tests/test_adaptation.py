@@ -323,6 +323,27 @@ def test_one_class_stream_moves_only_its_predicted_classes_statistics(source, cl
     assert any(not torch.equal(layer.class_mean, start) for layer, start in zip(layers, source_means, strict=True))
 
 
+def test_with_fewer_rows_than_classes_a_class_moves_the_row_of_its_index_modulo_the_rows(source, clean) -> None:
+    """The default budget keeps a row per class for the default model; a budget for 3 rows gives 3, and an image
+    predicted as class c joins row c mod 3 alone."""
+    x, _ = clean
+    model, _ = source
+    default_rows = {
+        len(m.class_mean) for m in engine(source).adapted.modules() if isinstance(m, norm.TestTimeBatchNorm)
+    }
+    assert default_rows == {10}
+    channels = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    e = engine(source, method="norm", stats_memory_mb=3.5 * channels * norm.BYTES_PER_ROW_CHANNEL / 1e6)
+    layers = [m for m in e.adapted.modules() if isinstance(m, norm.TestTimeBatchNorm)]
+    assert {len(m.class_mean) for m in layers} == {3}
+    e.step(x[:64])
+    for image in range(64, 74):
+        before = [m.class_mean.clone() for m in layers]
+        predicted = int(e.step(x[image : image + 1]).logits.argmax())
+        for layer, start in zip(layers, before, strict=True):
+            assert (layer.class_mean != start).any(1).nonzero().flatten().tolist() == [predicted % 3]
+
+
 # ----- poisoning within a stream: the class pace -----
 
 

@@ -467,13 +467,18 @@ def test_a_rollback_after_the_statistics_moved_puts_back_exactly_what_the_batch_
 
 
 def test_statistics_memory_is_bounded_at_1000_classes_and_not_copied_per_batch() -> None:
-    """ResNet-50 at 1,000 classes: 100 rows of statistics per layer, not 1,000; the rollback point of a batch holds the
-    parameters and the rows the batch changes, not every row."""
+    """ResNet-50 at 1,000 classes: as many rows of statistics per layer as the default budget holds (12 MB: 56 rows
+    of 26,560 channels), not 1,000; the source statistics the plausibility guard reads are the source's own tensors,
+    not a copy per stream; the rollback point of a batch holds the parameters and the rows the batch changes."""
     model = torchvision.models.resnet50(num_classes=1000)
     engine = AdaptationEngine(model, 1000, Settings(), torch.device("cpu"))
     layers = [m for m in engine.adapted.modules() if isinstance(m, norm.TestTimeBatchNorm)]
     live = sum(m.class_mean.nbytes + m.class_sqmean.nbytes for m in layers)
-    assert {len(m.class_mean) for m in layers} == {norm.MAX_STAT_ROWS} and live < 21.5 * 2**20
+    assert {len(m.class_mean) for m in layers} == {56} and live <= Settings().stats_memory_mb * 1e6
+    sources = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for layer, bn in zip(layers, sources, strict=True):
+        assert layer.source_mean.data_ptr() == bn.running_mean.data_ptr()
+        assert layer.source_var.data_ptr() == bn.running_var.data_ptr()
     rollback_point = engine.state.checkpoint(statistics=False)
     assert sum(t.nbytes for t in rollback_point["tensors"].values()) < 2**20  # the affine parameters alone
 

@@ -41,6 +41,17 @@ class AdaptationConfig(BaseModel):
         description="images over which the class-balanced test statistics average (small-batch guard)",
         json_schema_extra=GUARD_SETTING,
     )
+    # What bounds a stream's memory with many classes: a ResNet-50's BatchNorm layers have 26,560 channels, so a row
+    # of its statistics costs 0.21 MB, and 1,000 classes a row each would be 212 MB per stream. 12 MB: 56 rows for
+    # it (issue 15's target of 16 MB per stream, with its 0.9 MB of parameters, optimiser and monitor), still one row
+    # per class for the default CIFAR-10 model (10 rows of 688 channels: 0.06 MB). Accuracy of fewer rows than
+    # classes: docs/BENCHMARKS.md, "Bytes per stream".
+    stats_memory_mb: float = Field(
+        12.0,
+        gt=0,
+        description="MB (10^6 bytes) one stream's class-balanced statistics may take: rows = min(classes, 100, "
+        "this / (BatchNorm channels x 8 bytes)), at least 1; classes share rows by class index modulo rows",
+    )
     guard_reliable: bool = Field(True, description="adapt only on samples with entropy < reliable_entropy * ln C")
     reliable_entropy: float = Field(
         0.4,

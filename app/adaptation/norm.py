@@ -30,22 +30,33 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 AFFINE_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
-# The class-balanced statistics keep a row per class up to this many classes; beyond, classes share rows (class index
-# modulo MAX_STAT_ROWS), so that their memory is bounded whatever the classes: ImageNet's 1,000 in a ResNet-50 take
-# 20 MiB instead of 203 MiB, and a run of one class still moves no more than a hundredth of the statistics.
+# The class-balanced statistics keep a row per class up to this many classes, and no more rows than the stream's
+# memory budget for them holds (AdaptationConfig.stats_memory_mb); beyond, classes share rows (class index modulo the
+# rows), so that their memory is bounded whatever the classes: ImageNet's 1,000 in a ResNet-50 take 56 rows (11.9 MB)
+# at the default budget instead of 1,000 (212 MB), and a run of one class still moves no more than 1/56 of them.
 MAX_STAT_ROWS = 100
+BYTES_PER_ROW_CHANNEL = 2 * 4  # two moments, float32
+
+
+def statistics_rows(num_classes: int, channels: int, budget_bytes: float | None) -> int:
+    """Rows per layer of the class-balanced statistics for `channels` BatchNorm channels in all: one per class, at
+    most MAX_STAT_ROWS and what `budget_bytes` holds (None: no budget), at least one (plain running statistics)."""
+    if budget_bytes is None or channels == 0:  # no budget, or no BatchNorm layer to keep statistics for
+        return min(num_classes, MAX_STAT_ROWS)
+    affordable = int(budget_bytes // (channels * BYTES_PER_ROW_CHANNEL))
+    return max(1, min(num_classes, MAX_STAT_ROWS, affordable))
 
 
 class TestTimeBatchNorm(nn.Module):
     """BatchNorm that normalises with test statistics: the batch's own, or class-balanced running ones."""
 
-    def __init__(self, bn: _BatchNorm, robust: bool, stats_horizon: int, num_classes: int) -> None:
+    def __init__(self, bn: _BatchNorm, robust: bool, stats_horizon: int, rows: int) -> None:
+        """`rows`: of the class-balanced statistics (`statistics_rows`); class c's images join row c modulo rows."""
         super().__init__()
         if bn.running_mean is None or bn.running_var is None or not bn.affine:
             raise ValueError("TestTimeBatchNorm needs a BatchNorm layer with running statistics and affine parameters")
         self.eps = bn.eps
         self.robust = robust
-        rows = min(num_classes, MAX_STAT_ROWS)
         # stats_horizon counts images over all classes; each row's estimate sees about 1/rows of them.
         self.per_sample_momentum = min(1.0, rows / stats_horizon)
         self.recorder: BatchMoments | None = None  # set only inside `recording`
@@ -60,9 +71,10 @@ class TestTimeBatchNorm(nn.Module):
         self.register_buffer("class_sqmean", source_sqmean.repeat(rows, 1))
         # Per row: the share of its moments brought by the recent stream (0: still the source's); see guards.py.
         self.register_buffer("row_freshness", torch.zeros(rows, dtype=torch.float64))
-        # The source's statistics, constant (not state): what the plausibility guard measures an image against.
-        self.register_buffer("source_mean", source_mean.clone(), persistent=False)
-        self.register_buffer("source_var", bn.running_var.detach().float().clone(), persistent=False)
+        # The source's statistics, constant (not state): what the plausibility guard measures an image against. The
+        # source's own tensors (float32: no copy), which `configure` gives `bn`: every stream shares them.
+        self.register_buffer("source_mean", source_mean, persistent=False)
+        self.register_buffer("source_var", bn.running_var.detach().float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.robust:
@@ -126,21 +138,21 @@ class ConfiguredModel:
     norm_kind: str  # what is adapted, for /v1/status
 
 
-def configure(source: nn.Module, robust_stats: bool, stats_horizon: int, num_classes: int) -> ConfiguredModel:
+def configure(
+    source: nn.Module, robust_stats: bool, stats_horizon: int, num_classes: int, stats_memory_mb: float | None = None
+) -> ConfiguredModel:
     """A copy of `source` ready for adaptation; `source` itself is never modified.
 
-    Only the normalisation layers are copied: every other parameter and buffer (the frozen backbone) is the
-    source's own tensor, so each stream's copy costs only what it adapts.
+    Only the normalisation layers are copied: every other parameter and buffer (the frozen backbone, and the
+    BatchNorm layers' source statistics) is the source's own tensor, so each stream's copy costs only what it adapts.
+    `stats_memory_mb` bounds the class-balanced statistics (`statistics_rows`; None: MAX_STAT_ROWS rows at most).
     """
-    frozen = [
-        tensor
-        for module in source.modules()
-        if not isinstance(module, (_BatchNorm, *AFFINE_NORMS))
-        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False))
-    ]
+    frozen = [t for t in _shared_tensors(source) if t is not None]
     model = copy.deepcopy(source, memo={id(t): t for t in frozen}).eval()  # eval: dropout off; our norms ignore it
     model.requires_grad_(False)
-    replaced = _replace_batchnorms(model, robust_stats, stats_horizon, num_classes)
+    channels = sum(m.num_features for m in source.modules() if isinstance(m, _BatchNorm))
+    budget = None if stats_memory_mb is None else stats_memory_mb * 1e6
+    replaced = _replace_batchnorms(model, robust_stats, stats_horizon, statistics_rows(num_classes, channels, budget))
     model.eval()  # the new layers too
     others = [m for m in model.modules() if isinstance(m, AFFINE_NORMS) and getattr(m, "weight", None) is not None]
     if not replaced and not others:
@@ -158,12 +170,22 @@ def configure(source: nn.Module, robust_stats: bool, stats_horizon: int, num_cla
     return ConfiguredModel(model, params, "+".join(kinds))
 
 
-def _replace_batchnorms(model: nn.Module, robust: bool, horizon: int, num_classes: int) -> list[TestTimeBatchNorm]:
+def _shared_tensors(source: nn.Module) -> Iterator[torch.Tensor | None]:
+    """The source's tensors that a stream's copy shares instead of copying: all but the normalisation layers' own,
+    and of BatchNorm layers their source statistics (constants; `TestTimeBatchNorm.source_mean` and `source_var`)."""
+    for module in source.modules():
+        if isinstance(module, _BatchNorm):
+            yield from (module.running_mean, module.running_var, module.num_batches_tracked)
+        elif not isinstance(module, AFFINE_NORMS):
+            yield from (*module.parameters(recurse=False), *module.buffers(recurse=False))
+
+
+def _replace_batchnorms(model: nn.Module, robust: bool, horizon: int, rows: int) -> list[TestTimeBatchNorm]:
     replaced = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _BatchNorm):
-                layer = TestTimeBatchNorm(child, robust, horizon, num_classes).to(child.weight.device)
+                layer = TestTimeBatchNorm(child, robust, horizon, rows).to(child.weight.device)
                 setattr(parent, name, layer)
                 replaced.append(layer)
     return replaced

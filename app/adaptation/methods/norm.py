@@ -27,7 +27,11 @@ class TestStatistics(Method):
 
     def configure(self, model: nn.Module, config: AdaptationConfig, num_classes: int) -> ConfiguredModel:
         return configure(
-            model, robust_stats=config.guard_min_batch, stats_horizon=config.stats_horizon, num_classes=num_classes
+            model,
+            robust_stats=config.guard_min_batch,
+            stats_horizon=config.stats_horizon,
+            num_classes=num_classes,
+            stats_memory_mb=config.stats_memory_mb,
         )
 
     def predicts_without_grad(self, state: AdaptationState, images: int, source: Source) -> bool:
