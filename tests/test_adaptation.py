@@ -293,7 +293,9 @@ def test_small_batches_are_buffered_and_never_normalised_alone(source, clean) ->
         e.step(x[quarter * i : quarter * (i + 1)])
     assert e.stats.skipped["small_batch_buffered"] == 3 and e.stats.steps_total == 0
     e.step(x[3 * quarter : 4 * quarter])
-    assert e.stats.steps_total == 1 and not e.state.buffer
+    assert not e.state.buffer and e.stats.steps_total == 0 and e.snapshot()["step_pending"], "one step behind"
+    e.settle()
+    assert e.stats.steps_total == 1 and not e.snapshot()["step_pending"]
     # A single image is normalised with the running statistics and joins only its predicted class's estimate,
     # with the weight one image has over that class's share of the horizon.
     bn = next(m for m in e.adapted.modules() if isinstance(m, norm.TestTimeBatchNorm))

@@ -243,7 +243,8 @@ async def test_shutdown_snapshot_is_restored_with_scores_and_late_labels(
         unlabelled = (await client.post("/predict", files=labelled(jpeg_images, 3)["files"])).json()["predictions"]
         before = (await client.get("/v1/status")).json()
         first = app.state.service.worker.engine
-    assert before["adaptation"]["steps_total"] >= 1 and before["prequential"]["adapted"]["labels"] == 120
+    # 120 images: one step at 80 (the second would be at 160), computed and not yet applied: the snapshot carries it
+    assert before["adaptation"]["step_pending"] and before["prequential"]["adapted"]["labels"] == 120
     assert (tmp_path / FILE_NAME).is_file(), "no snapshot on shutdown"
 
     async with in_process_client(**settings) as (client, app):
@@ -254,7 +255,7 @@ async def test_shutdown_snapshot_is_restored_with_scores_and_late_labels(
     assert late.status_code == 200, "a prediction made before the restart takes its late label"
     assert after["persistence"]["restored_from"] == str(tmp_path / FILE_NAME)
     assert after["persistence"]["restored_snapshot_at"] <= time.time()
-    for key in ("steps_total", "steps_since_reset", "skipped", "resets", "entropy_ema", "buffer_fill"):
+    for key in ("steps_total", "steps_since_reset", "skipped", "resets", "entropy_ema", "buffer_fill", "step_pending"):
         assert after["adaptation"][key] == before["adaptation"][key], key
     assert after["prequential"]["adapted"] == before["prequential"]["adapted"]
     assert after["ledger_entries"] == before["ledger_entries"] == 123

@@ -29,7 +29,7 @@ from tests.servers import running_server
 
 CORRUPTIONS = ["gaussian_noise", "brightness"]  # two cheap ones; the order is the standard one
 PER_CLASS = 2
-BATCH = 8
+BATCH = 4
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +103,12 @@ def test_in_process_and_http_give_the_same_predictions(
 ) -> None:
     """Concurrency 1 and images per request = the server's max batch size: the server forms the in-process
     batches exactly (the reset scenario adds a short batch per domain and a POST /reset between domains).
-    The stream is 20 images a domain, so steps are taken on buffered groups of 16 (both sides read TTA_MIN_BATCH)."""
-    monkeypatch.setenv("TTA_MIN_BATCH", "16")
+    The stream is 20 images a domain, so steps are taken on buffered groups of 8 (both sides read TTA_MIN_BATCH),
+    each applied at the next group (the step lag): the server computes them on its step thread, in-process at once."""
+    monkeypatch.setenv("TTA_MIN_BATCH", "8")
     env = {
         "TTA_METHOD": "tent",
-        "TTA_MIN_BATCH": "16",
+        "TTA_MIN_BATCH": "8",
         "TTA_MAX_BATCH_SIZE": str(BATCH),
         "TTA_MAX_WAIT_MS": "50",
         "TTA_MODEL": str(model_path),

@@ -81,6 +81,12 @@ class AdaptationConfig(BaseModel):
         description="images per entropy step: smaller batches are buffered until this many have been predicted",
         json_schema_extra=GUARD_SETTING_AS("min_batch_size"),
     )
+    step_lag: bool = Field(
+        True,
+        description="compute a buffered step (the adaptation batch that small batches complete) off the request's "
+        "path and apply it just before the stream's next step: the predictions in between are one step behind "
+        "(off: the step is applied at once, after the answer, on the model thread)",
+    )
     # Poisoning within a stream (docs/reliability/poisoning.md): what the class-balanced statistics and the entropy
     # step admit. Noise far from anything the model was trained on is held back; while one class takes most of the
     # recent predictions (a flood of one class, or a collapse), no class's statistics may run ahead of the others'.

@@ -4,7 +4,8 @@ caller runs before the stream's next batch; `step(x)` is both at once. Predictio
 An engine is a `Source` (the frozen model, the configuration, the method and guards, shared by every stream of the
 source) and one `AdaptationState` (state.py). The method (app/adaptation/methods/, by the config's name) does the
 work: none (the frozen source), norm (test statistics), tent (test statistics + an entropy step). Only the worker
-thread calls it.
+thread calls it. A buffered step may be pending (computed, or being computed, on the stream's twin: lag.py): it is
+applied just before the stream's next step and before a reset; `settle` applies it now.
 """
 
 import time
@@ -87,6 +88,11 @@ class AdaptationEngine:
         self.run_update()
         self.state.reset(reason, self.shared)
 
+    def settle(self) -> None:
+        """Run the pending update and apply a pending buffered step: the state as it will be at the next step."""
+        self.run_update()
+        self.state.settle()
+
     # ----- what the rest of the server reads -----
 
     @property
@@ -157,6 +163,7 @@ class AdaptationEngine:
             "last_grad_norm": counters.last_grad_norm,
             "held_back": dict(counters.held_back),
             "buffer_fill": state.buffer_fill,
+            "step_pending": state.pending is not None,  # computed, not yet applied (counted in steps once applied)
             "guards": self.config.guard_status(),
             "at": time.time(),
         }

@@ -1,5 +1,6 @@
 """Signals the stability guards (guards.py) decide on: entropy EMA, prediction diversity, drift, class pace."""
 
+import copy
 import math
 from collections import deque
 from typing import Any
@@ -138,6 +139,14 @@ class CollapseMonitor:
         if mean is None or self._window_count < self.window:
             return None
         return distribution_entropy(mean)
+
+    def copy(self) -> "CollapseMonitor":
+        """A monitor with these values that does not move when this one does (a lagged step reads it, lag.py). The
+        windows' entries are never changed in place, so the copies share them."""
+        twin = copy.copy(self)
+        twin._probability_sums, twin._window_sum = deque(self._probability_sums), self._window_sum.clone()
+        twin._admitted_sums, twin._admitted_sum = deque(self._admitted_sums), self._admitted_sum.clone()
+        return twin
 
     @property
     def max_entropy(self) -> float:

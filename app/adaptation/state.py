@@ -5,11 +5,13 @@ normalisation layers), the configuration, the method and guards, and the state e
 `AdaptationState` is one stream's: its model (its normalisation layers: adapted affine parameters and test
 statistics, over the shared backbone), optimiser state, small-batch buffer, collapse monitor and counters. It is
 created from the source, copied, checkpointed and restored exactly (the rollback point before a batch), reset to the
-source, and saved as plain values (`state_dict`, what a snapshot file holds).
+source, and saved as plain values (`state_dict`, what a snapshot file holds). A buffered step computed but not yet
+applied (the one-step lag, lag.py) is part of it: `settle` applies it, a reset settles first, `state_dict` carries it.
 """
 
 from __future__ import annotations
 
+import queue
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -19,6 +21,7 @@ from torch import nn
 
 from app.adaptation import guards, methods
 from app.adaptation.config import AdaptationConfig
+from app.adaptation.lag import Outcome, PendingStep, RunStep
 from app.adaptation.methods.base import Method
 from app.adaptation.norm import TestTimeBatchNorm, can_mix, restore_rows
 from app.adaptation.signals import CollapseMonitor
@@ -38,6 +41,19 @@ class Counters:
 
     def state_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(Counters)}
+
+    def add(self, step: Counters) -> None:
+        """What a step computed elsewhere counted (lag.py), from zero: numbers and reasons added, a value it set
+        (the gradient norm) taken."""
+        unset = Counters()
+        for f in fields(Counters):
+            mine, theirs = getattr(self, f.name), getattr(step, f.name)
+            if isinstance(theirs, Counter):
+                mine.update(theirs)
+            elif isinstance(theirs, int):
+                setattr(self, f.name, mine + theirs)
+            elif theirs != getattr(unset, f.name):
+                setattr(self, f.name, theirs)
 
     @classmethod
     def from_state_dict(cls, values: dict[str, Any]) -> Counters:
@@ -63,6 +79,8 @@ class Source:
         self.guards = guards.Guards(self.config, num_classes)
         self.initial: Checkpoint = {}  # every stream's starting point, taken from the first state (all are equal)
         self.source_params: list[torch.Tensor] = []  # the adapted parameters at the source, in `params` order
+        self.run_step: RunStep | None = None  # where a lagged buffered step is computed (lag.py); None: at once, here
+        self.spare_twins: queue.SimpleQueue[AdaptationState] = queue.SimpleQueue()  # lag.py's twins not in use
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +104,7 @@ class AdaptationState:
         self.optimizer = source.method.make_optimizer(self.params, source.config)
         self.monitor = source.new_monitor()
         self.counters = Counters()
+        self.pending: PendingStep | None = None  # a buffered step computed but not yet applied (lag.py)
         if not source.initial:
             source.initial = self.checkpoint()
             source.source_params = [p.detach().clone() for p in self.params]
@@ -121,8 +140,16 @@ class AdaptationState:
         if self.optimizer is not None and point["optimizer"] is not None:
             self.optimizer.load_state_dict(_clone_optimizer_state(point["optimizer"]))
 
+    def settle(self) -> None:
+        """Apply the pending buffered step, if any (waiting for it where it is being computed)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.apply_to(self)
+
     def reset(self, reason: str, source: Source) -> None:
-        """Back to the source state exactly: parameters, statistics, optimiser, buffer, monitor."""
+        """Back to the source state exactly: parameters, statistics, optimiser, buffer, monitor; a pending step is
+        applied first (its counts stay)."""
+        self.settle()
         self.restore(source.initial)
         self.buffer = []
         self.monitor = source.new_monitor()
@@ -139,7 +166,8 @@ class AdaptationState:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly from here, in this process or another. Clones (on the state's device)
-        and plain values, so that a snapshot file holds it without pickling."""
+        and plain values, so that a snapshot file holds it without pickling. A pending step is waited for and saved
+        as it is, still pending (applying it here would make the stream depend on when it was saved)."""
         point = self.checkpoint()
         optimizer = point.get("optimizer")
         masks = [m for _, m in self.buffer]
@@ -154,6 +182,18 @@ class AdaptationState:
             else torch.cat([torch.ones(len(x), dtype=torch.bool) if m is None else m.cpu() for x, m in self.buffer]),
             "monitor": self.monitor.state_dict(),
             "stats": self.counters.state_dict(),
+            "pending_step": self._pending_state_dict(),
+        }
+
+    def _pending_state_dict(self) -> dict[str, Any] | None:
+        outcome = self.pending.outcome() if self.pending is not None else None
+        if outcome is None:
+            return None
+        optimizer = _clone_optimizer_state(outcome.point["optimizer"])
+        return {
+            "tensors": {name: t.clone() for name, t in outcome.point["tensors"].items()},
+            "optimizer_state": {str(i): s for i, s in optimizer["state"].items()} if optimizer else None,
+            "stats": outcome.counters.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Source) -> None:
@@ -171,8 +211,21 @@ class AdaptationState:
             if mask is not None and mask.shape != (len(images),):
                 raise ValueError(f"buffer mask of shape {tuple(mask.shape)} for {len(images)} buffered images")
             buffer = [(images, None if mask is None else mask.to(source.device, copy=True))]
+        pending = self._pending_from(state.get("pending_step"), source)  # absent from snapshots before the lag
         self.restore({"tensors": state["tensors"], "optimizer": optimizer})
-        self.buffer, self.monitor, self.counters = buffer, monitor, counters
+        # A step pending here before is dropped with the state it was computed from (its twin finishes on its own).
+        self.buffer, self.monitor, self.counters, self.pending = buffer, monitor, counters, pending
+
+    def _pending_from(self, saved: dict[str, Any] | None, source: Source) -> PendingStep | None:
+        if saved is None:
+            return None
+        params = {n for n, p in self.model.named_parameters() if p.requires_grad} if self.model is not None else set()
+        _check_tensors(saved["tensors"], {n: t for n, t in source.initial.get("tensors", {}).items() if n in params})
+        point = {
+            "tensors": {name: t.to(source.device, copy=True) for name, t in saved["tensors"].items()},
+            "optimizer": self._optimizer_state_from(saved["optimizer_state"]),
+        }
+        return PendingStep.computed(Outcome(point, Counters.from_state_dict(saved["stats"])))
 
     def _optimizer_state_from(self, saved: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
         """The optimiser's own state_dict for per-parameter state saved by `state_dict()`, checked against `params`."""

@@ -64,6 +64,7 @@ class StreamEngines:
         if engine is None:
             while len(self._engines) >= self.max_streams:
                 _, oldest = self._engines.popitem(last=False)
+                oldest.settle()  # its pending step counts in the totals
                 self._evicted_totals.update(_totals(oldest.snapshot()))
                 self.evicted += 1
             engine = self._engines[name] = self._new_stream()

@@ -1,10 +1,16 @@
 """The model worker: exactly one thread owns the model and runs every batch and every reset, in order.
 
 A batch is two jobs on that thread: the prediction, whose answer resolves the batch's requests at once, then the
-adaptation it causes (the statistics, the entropy step, a buffered step that this batch completed, guard resets),
-run straight after, before the next job. No update ever runs inside a prediction, and every prediction is made
-before any update it causes (the prequential contract); the request that completes an adaptation batch is answered
-before that step, not after it."""
+adaptation it causes (the statistics, a full batch's entropy step, guard resets), run straight after, before the next
+job. No update ever runs inside a prediction, and every prediction is made before any update it causes (the
+prequential contract).
+
+A buffered step (the adaptation batch that small batches complete) is not run there: with `step_lag` (the default,
+app/adaptation/lag.py) it is computed on the stream's twin by a second thread, the step thread (one for every
+stream, first in first out, below the model thread's priority), and applied by the model thread just before that
+stream's next step or reset, waiting for it only then. The next requests, of that stream too, are answered meanwhile
+with the parameters before the step (one step behind); the predictions are those of the same stream run in-process,
+whatever the threads' timing. Without the lag the buffered step runs on the model thread after the answer."""
 
 import asyncio
 import concurrent.futures
@@ -28,6 +34,9 @@ from models.data import normalize
 # (a 503 in milliseconds rather than after the batch's time slice) and takes little from the batch. Under a 10x
 # overload on a 2-core machine busy with other work, 503 p99 was 0.16-1.9 s at equal priority, 0.03-0.14 s at +5/+10.
 MODEL_THREAD_NICE = 5
+# The step thread runs further below: on a shared core the predictions go first and the step takes what they leave
+# (CFS weights 335 against 36: about a tenth of the core while the model thread wants it all).
+STEP_THREAD_NICE = 15
 
 log = logging.getLogger(__name__)
 Job = Callable[[], tuple[Any, Callable[[], None] | None]]  # its result, and what runs after the result is given
@@ -62,17 +71,23 @@ class ModelWorker:
         # Each job returns its result and what runs after its future resolves (None: nothing).
         self._jobs: queue.Queue[tuple[Job, concurrent.futures.Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self._steps = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptation-step")
         # Both replaced (never mutated) after every job, so other threads read them without a lock.
         self._fresh = self.engine.snapshot()  # what a stream with no state yet looks like
         self.stream_snapshots: dict[str, dict[str, Any]] = {DEFAULT_STREAM: self._fresh}
         self.snapshot: dict[str, Any] = self._summary(self.stream_snapshots)
 
     def start(self) -> None:
+        # The executor's one thread starts with its first job, here (so from this thread's priority, not the model
+        # thread's), and that job lowers its priority for good.
+        self._steps.submit(lower_this_threads_priority, STEP_THREAD_NICE).result()
+        self.engine.shared.run_step = self._steps.submit  # every stream's: they share the default stream's Source
         self._thread.start()
 
     def stop(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        self._steps.shutdown(wait=False, cancel_futures=True)  # a step still wanted later is computed where wanted
 
     @property
     def alive(self) -> bool:

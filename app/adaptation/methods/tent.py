@@ -3,16 +3,20 @@ al. 2021), read as the official code: configure the model (norm's copy), collect
 adapt, reset. With every guard off it is TENT as published; the guards (guards.py) act at their hooks.
 
 A batch smaller than min_batch (the small-batch guard) is predicted without a gradient and buffered; the step is
-taken on the buffered images once min_batch of them have been predicted.
+taken on the buffered images once min_batch of them have been predicted. With `step_lag` (the default) that step is
+computed on a twin and applied just before the stream's next step (lag.py): the predictions in between are one step
+behind, and the step is off the request's path. A full batch steps at once on its own forward pass.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from app.adaptation import lag
 from app.adaptation.methods.base import Forward, SharedForward
 from app.adaptation.methods.norm import TestStatistics, rollback
 from app.adaptation.norm import recording
@@ -37,6 +41,7 @@ class Tent(TestStatistics):
     def forward(self, source: Source, state: AdaptationState, x: torch.Tensor, shared: SharedForward | None) -> Forward:
         if source.guards.buffers(len(x)):
             return self.forward_without_grad(state, x, shared)
+        state.settle()  # a pending buffered step lands before this batch's own step, which this pass begins
         with torch.enable_grad(), recording(state.model) as moments:
             logits = state.model(x)  # its graph: the batch's own entropy step reuses this pass
         return Forward(x, logits, moments)
@@ -87,10 +92,20 @@ class Tent(TestStatistics):
                 [torch.ones(len(b), dtype=torch.bool, device=b.device) if m is None else m for b, m in state.buffer]
             )
         state.buffer = []
+        state.settle()  # the previous buffered step lands before this one is computed from the state
+        if source.config.step_lag:
+            step = partial(self._buffered_steps, source, buffered=buffered, admitted=admitted_all)
+            state.pending = lag.start(source, state, step)
+        else:
+            self._buffered_steps(source, state, buffered, admitted_all)
+
+    def _buffered_steps(
+        self, source: Source, state: AdaptationState, buffered: torch.Tensor, admitted: torch.Tensor | None
+    ) -> None:
         point = source.guards.rollback_point(state)
         for _ in range(source.config.steps_per_batch):
             # not recorded: these images joined the statistics when they were predicted
-            if not self._step(source, state, state.model(buffered), point, admitted_all):
+            if not self._step(source, state, state.model(buffered), point, admitted):
                 break
 
     def _step(
