@@ -19,6 +19,7 @@ pass outside `recording` (a repeated entropy step, the buffered step) records no
 """
 
 import copy
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -117,18 +118,87 @@ class TestTimeBatchNorm(nn.Module):
     ) -> None:
         """Average a batch's images (their moments) into the running moments of the classes they were predicted as:
         all of them, or those `admitted` (a mask); `freshness`, when given, is the rows' freshness after them."""
-        if freshness is not None:
-            self.row_freshness.copy_(freshness)
-        finite = torch.isfinite(means).all(1) & torch.isfinite(sqmeans).all(1)
-        if admitted is not None:
-            finite &= admitted.to(finite.device)
-        predicted = predicted.to(means.device)[finite] % len(self.class_mean)
-        counts = torch.bincount(predicted, minlength=len(self.class_mean)).to(means.dtype)
-        seen = counts > 0
-        share = (1.0 - (1.0 - self.per_sample_momentum) ** counts[seen]).unsqueeze(1)
-        for running, batch in ((self.class_mean, means[finite]), (self.class_sqmean, sqmeans[finite])):
-            sums = torch.zeros_like(running).index_add_(0, predicted, batch)
-            running[seen] = torch.lerp(running[seen], sums[seen] / counts[seen].unsqueeze(1), share)
+        _average_in(self, means, sqmeans, predicted, admitted, freshness, None)
+
+
+class ClassStatistics:
+    """Every class-balanced layer's statistics of one model, side by side: (rows x all the layers' channels) per
+    moment, and (layers x rows) of freshness, of which the layers' own `class_mean`, `class_sqmean` and `row_freshness`
+    are views. A batch is then committed, and its rows saved for a rollback, in a few operations for all the layers
+    instead of a dozen per layer (with 64 streams of one image per batch, 19 layers x 64 streams of them a batch)."""
+
+    def __init__(self, layers: list[TestTimeBatchNorm]) -> None:
+        self.layers = layers  # in module order
+        self.per_sample_momentum = layers[0].per_sample_momentum  # every layer has the same rows and horizon
+        self.class_mean = torch.cat([layer.class_mean for layer in layers], 1)
+        self.class_sqmean = torch.cat([layer.class_sqmean for layer in layers], 1)
+        self.row_freshness = torch.stack([layer.row_freshness for layer in layers])
+        widths = [layer.class_mean.shape[1] for layer in layers]
+        self.layer_of_channel = torch.repeat_interleave(
+            torch.arange(len(layers), device=self.class_mean.device),
+            torch.tensor(widths, device=self.class_mean.device),
+        )
+        start = 0
+        for index, (layer, width) in enumerate(zip(layers, widths, strict=True)):
+            layer.class_mean = self.class_mean[:, start : start + width]
+            layer.class_sqmean = self.class_sqmean[:, start : start + width]
+            layer.row_freshness = self.row_freshness[index]
+            start += width
+
+    @torch.no_grad()
+    def add_moments(
+        self,
+        means: torch.Tensor,
+        sqmeans: torch.Tensor,
+        predicted: torch.Tensor,
+        admitted: torch.Tensor | None = None,
+        freshness: torch.Tensor | None = None,
+    ) -> None:
+        """`TestTimeBatchNorm.add_moments` of every layer at once: `means` and `sqmeans` hold the layers' side by
+        side (images x all channels, in layer order)."""
+        _average_in(self, means, sqmeans, predicted, admitted, freshness, self.layer_of_channel)
+
+
+def _average_in(
+    statistics: TestTimeBatchNorm | ClassStatistics,
+    means: torch.Tensor,
+    sqmeans: torch.Tensor,
+    predicted: torch.Tensor,
+    admitted: torch.Tensor | None,
+    freshness: torch.Tensor | None,
+    layer_of_channel: torch.Tensor | None,
+) -> None:
+    """Average images' moments (images x channels) into the running moments of their predicted classes' rows: an
+    image joins a layer's rows if it is admitted and all its moments in that layer are finite (`layer_of_channel`:
+    the layer of each channel; None: all channels are one layer's). Adding 0 for an image that does not join, and
+    reading only the rows some image joined, gives bit for bit what averaging in only the others would."""
+    if freshness is not None:
+        statistics.row_freshness.copy_(freshness)
+    finite = torch.isfinite(means) & torch.isfinite(sqmeans)
+    if layer_of_channel is None:
+        kept = finite.all(1, keepdim=True)  # images x 1 layer
+    else:
+        broken = torch.zeros(len(means), len(statistics.row_freshness), dtype=means.dtype, device=means.device)
+        kept = broken.index_add_(1, layer_of_channel, (~finite).to(means.dtype)) == 0  # images x layers
+    if admitted is not None:
+        kept &= admitted.to(kept.device).unsqueeze(1)
+    rows = predicted.to(means.device) % len(statistics.class_mean)
+    counts = kept.new_zeros(len(statistics.class_mean), kept.shape[1], dtype=means.dtype)
+    counts.index_add_(0, rows, kept.to(means.dtype))  # rows x layers
+    share = 1.0 - (1.0 - statistics.per_sample_momentum) ** counts
+    if layer_of_channel is not None:  # per channel
+        kept, counts, share = kept[:, layer_of_channel], counts[:, layer_of_channel], share[:, layer_of_channel]
+    seen = (counts > 0).expand_as(statistics.class_mean)
+    share = share.expand_as(statistics.class_mean)[seen]
+    for running, batch in ((statistics.class_mean, means), (statistics.class_sqmean, sqmeans)):
+        sums = torch.zeros_like(running).index_add_(0, rows, torch.where(kept, batch, 0.0))
+        running[seen] = torch.lerp(running[seen], (sums / counts)[seen], share)
+
+
+# The stacked statistics of the models `configure` made (a model whose layers average their own way, as
+# bench/domain_tracking.py's, keeps them per layer): what a batch's commit and rollback use, found without walking
+# the model's modules.
+_STACKED: weakref.WeakKeyDictionary[nn.Module, ClassStatistics] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -154,6 +224,8 @@ def configure(
     budget = None if stats_memory_mb is None else stats_memory_mb * 1e6
     replaced = _replace_batchnorms(model, robust_stats, stats_horizon, statistics_rows(num_classes, channels, budget))
     model.eval()  # the new layers too
+    if robust_stats and replaced and all(type(m).add_moments is TestTimeBatchNorm.add_moments for m in replaced):
+        _STACKED[model] = ClassStatistics(replaced)
     others = [m for m in model.modules() if isinstance(m, AFFINE_NORMS) and getattr(m, "weight", None) is not None]
     if not replaced and not others:
         raise ValueError(
@@ -191,7 +263,9 @@ def _replace_batchnorms(model: nn.Module, robust: bool, horizon: int, rows: int)
     return replaced
 
 
-StatisticsRows = list[tuple[TestTimeBatchNorm, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+StatisticsRows = list[
+    tuple[TestTimeBatchNorm | ClassStatistics, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+]
 
 
 @dataclass
@@ -200,10 +274,32 @@ class BatchMoments:
     the model's module order: what `commit` averages into the running statistics once the images' classes are known."""
 
     layers: list[TestTimeBatchNorm]  # every layer that records, in module order
+    statistics: ClassStatistics | None = None  # the layers' statistics, when they are stacked
     moments: dict[TestTimeBatchNorm, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    side_by_side: tuple[torch.Tensor, torch.Tensor] | None = None  # every layer's moments, images x all channels
+
+    @classmethod
+    def of_images(
+        cls,
+        layers: list[TestTimeBatchNorm],
+        statistics: ClassStatistics | None,
+        means: torch.Tensor,
+        sqmeans: torch.Tensor,
+    ) -> "BatchMoments":
+        """Moments given side by side (images x all the layers' channels, in layer order), as `stacked` returns them."""
+        widths = [layer.class_mean.shape[1] for layer in layers]
+        moments = dict(zip(layers, zip(means.split(widths, 1), sqmeans.split(widths, 1), strict=True), strict=True))
+        return cls(layers, statistics, moments, (means, sqmeans))
 
     def recorded(self) -> list[tuple[TestTimeBatchNorm, torch.Tensor, torch.Tensor]]:
         return [(layer, *self.moments[layer]) for layer in self.layers if layer in self.moments]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's moments side by side: images x all the layers' channels, in layer order."""
+        if self.side_by_side is None:
+            recorded = self.recorded()
+            self.side_by_side = torch.cat([m for _, m, _ in recorded], 1), torch.cat([s for _, _, s in recorded], 1)
+        return self.side_by_side
 
     def __bool__(self) -> bool:
         return bool(self.moments)
@@ -213,16 +309,20 @@ class BatchMoments:
         row's freshness (a few numbers, all of which a commit changes): what a rollback puts back. Only those rows of
         the moments: the others do not change, and at 1,000 classes all of them are megabytes."""
         saved = []
-        for layer, _, _ in self.recorded():
-            rows = torch.unique(predicted.to(layer.class_mean.device) % len(layer.class_mean))
-            moments = layer.class_mean[rows].clone(), layer.class_sqmean[rows].clone()
-            saved.append((layer, rows, *moments, layer.row_freshness.clone()))
+        holders = [self.statistics] if self.statistics is not None else [layer for layer, _, _ in self.recorded()]
+        for statistics in holders:
+            rows = torch.unique(predicted.to(statistics.class_mean.device) % len(statistics.class_mean))
+            moments = statistics.class_mean[rows].clone(), statistics.class_sqmean[rows].clone()
+            saved.append((statistics, rows, *moments, statistics.row_freshness.clone()))
         return saved
 
     def commit(
         self, predicted: torch.Tensor, admitted: torch.Tensor | None = None, freshness: torch.Tensor | None = None
     ) -> None:
         """The images (those `admitted`, when given) join the running statistics under their predicted classes."""
+        if self.statistics is not None:  # every layer at once (a forward pass records at every layer)
+            self.statistics.add_moments(*self.stacked(), predicted, admitted, freshness)
+            return
         for layer, means, sqmeans in self.recorded():
             layer.add_moments(means, sqmeans, predicted, admitted, freshness)
 
@@ -236,24 +336,18 @@ class BatchMoments:
             channels += layer.class_mean.shape[1]
         return None if sums is None else sums / channels
 
-    def select(self, rows: list[int], layers: list[TestTimeBatchNorm]) -> "BatchMoments":
-        """These images' moments, as recorded by `layers` (another stream's copy of the same layers, in order)."""
-        selected = BatchMoments(layers)
-        for position, layer in enumerate(self.layers):
-            if layer in self.moments:
-                means, sqmeans = self.moments[layer]
-                selected.moments[layers[position]] = (means[rows], sqmeans[rows])
-        return selected
-
 
 def recording_layers(model: nn.Module) -> list[TestTimeBatchNorm]:
+    stacked = _STACKED.get(model)
+    if stacked is not None:
+        return stacked.layers
     return [m for m in model.modules() if isinstance(m, TestTimeBatchNorm) and m.robust]
 
 
 @contextmanager
 def recording(model: nn.Module) -> Iterator[BatchMoments]:
     """Forward passes made inside record their images' moments (class-balanced layers only) into what it yields."""
-    moments = BatchMoments(recording_layers(model))
+    moments = BatchMoments(recording_layers(model), _STACKED.get(model))
     for layer in moments.layers:
         layer.recorder = moments
     try:
@@ -265,15 +359,15 @@ def recording(model: nn.Module) -> Iterator[BatchMoments]:
 
 @torch.no_grad()
 def restore_rows(saved: StatisticsRows) -> None:
-    for module, rows, mean, sqmean, freshness in saved:
-        module.class_mean[rows] = mean
-        module.class_sqmean[rows] = sqmean
-        module.row_freshness.copy_(freshness)
+    for statistics, rows, mean, sqmean, freshness in saved:
+        statistics.class_mean[rows] = mean
+        statistics.class_sqmean[rows] = sqmean
+        statistics.row_freshness.copy_(freshness)
 
 
 def class_statistics(model: nn.Module) -> TestTimeBatchNorm | None:
     """The first layer with class-balanced statistics (all of them have the same rows and freshness), if any."""
-    return next((m for m in model.modules() if isinstance(m, TestTimeBatchNorm) and m.robust), None)
+    return next(iter(recording_layers(model)), None)
 
 
 def mixed_forward(
@@ -283,8 +377,9 @@ def mixed_forward(
     the stream whose `rows` hold i, so each image gets exactly the statistics and affine parameters of its own
     stream, as if its stream ran alone; the convolutions, shared by every stream, run once on the whole batch.
     Returns the logits and each model's moments of its own images only, for its commit.
-    For class-balanced (robust) statistics, which do not depend on the batch; `can_mix` says when that holds."""
-    layers = [[m for m in model.modules() if isinstance(m, TestTimeBatchNorm)] for model in models]
+    For class-balanced (robust) statistics, which do not depend on the batch; `can_mix` says when that holds (every
+    normalisation layer records)."""
+    layers = [recording_layers(model) for model in models]
     index = torch.empty(len(x), dtype=torch.long, device=x.device)
     for stream, stream_rows in enumerate(rows):
         index[stream_rows] = stream
@@ -297,7 +392,11 @@ def mixed_forward(
     finally:
         for layer in carrier:
             layer.mix = None
-    return logits, [moments.select(r, recording_layers(m)) for m, r in zip(models, rows, strict=True)]
+    means, sqmeans = moments.stacked()
+    return logits, [
+        BatchMoments.of_images(model_layers, _STACKED.get(model), means[r], sqmeans[r])
+        for model, model_layers, r in zip(models, layers, rows, strict=True)
+    ]
 
 
 def can_mix(model: nn.Module) -> bool:
