@@ -264,6 +264,8 @@ class Guards:
         self.active = [guard(config, num_classes) for guard in GUARD_TYPES if guard.enabled(config)]
         self.min_batch = next((g for g in self.active if isinstance(g, MinBatch)), None)
         self._admitting = [g for g in self.active if type(g).admit is not Guard.admit]
+        # Whether a non-finite value rolls back (and a non-finite prediction skips the batch).
+        self.rolls_back = any(type(g).rollback_point is not Guard.rollback_point for g in self.active)
 
     def buffers(self, images: int) -> bool:
         """Whether a batch of this many images is buffered for a later step rather than stepped on alone."""

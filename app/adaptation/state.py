@@ -105,6 +105,9 @@ class AdaptationState:
         self.monitor = source.new_monitor()
         self.counters = Counters()
         self.pending: PendingStep | None = None  # a buffered step computed but not yet applied (lag.py)
+        # counters.steps_total when counters.drift was last measured (None: not since made or loaded); a reset or a
+        # load sets the drift itself, every other change to the parameters is a step (see Tent._after_batch).
+        self.drift_at_steps: int | None = None
         if not source.initial:
             source.initial = self.checkpoint()
             source.source_params = [p.detach().clone() for p in self.params]

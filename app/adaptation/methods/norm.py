@@ -49,7 +49,7 @@ class TestStatistics(Method):
         return Forward(x, logits, moments)
 
     def adapt(self, source: Source, state: AdaptationState, forward: Forward) -> None:
-        admission = self.predicted(source, state, forward.logits, forward.moments, source.guards.rollback_point(state))
+        admission = self.predicted(source, state, forward.logits, forward.moments, None)  # no step to roll back
         if admission is not None:  # the recent predictions, which the class pace reads
             state.monitor.observe(forward.logits, softmax_entropy(forward.logits), admission.admitted)
 
@@ -59,9 +59,10 @@ class TestStatistics(Method):
     ) -> Admission | None:
         """After the prediction: a finite one lets the batch into the test statistics under its predicted classes
         (the images the admission guards let in); a non-finite one means the input or the state holds something
-        non-finite, so roll back (None)."""
-        if point is not None and not bool(torch.isfinite(logits).all()):
-            rollback(state, point)
+        non-finite, so the batch is skipped (None), with nothing to roll back: nothing has changed since the
+        prediction. `point`: the rollback point of a step this batch takes, which the rows it changes join."""
+        if source.guards.rolls_back and not bool(torch.isfinite(logits).all()):
+            state.counters.skipped["nonfinite"] += 1
             return None
         predicted = logits.argmax(1)
         if point is not None:  # the rows of the statistics this batch changes, as they were: a rollback's

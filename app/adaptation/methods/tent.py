@@ -47,13 +47,16 @@ class Tent(TestStatistics):
         return Forward(x, logits, moments)
 
     def adapt(self, source: Source, state: AdaptationState, forward: Forward) -> None:
-        point = source.guards.rollback_point(state)
+        buffered = source.guards.buffers(len(forward.x))
+        # A rollback point only for the step on this batch's own pass: a buffered batch's step (on the buffer, after
+        # its statistics joined) takes its own, and before that nothing would need undoing.
+        point = None if buffered else source.guards.rollback_point(state)
         logits = forward.logits.detach()
         admission = self.predicted(source, state, logits, forward.moments, point)
         admitted = admission.admitted if admission is not None else None
         if admission is not None:
             with torch.enable_grad():
-                if source.guards.buffers(len(forward.x)):
+                if buffered:
                     self._buffer_and_maybe_step(source, state, forward.x, admitted)
                 else:
                     self._steps(source, state, forward, point, admitted)
@@ -152,7 +155,9 @@ class Tent(TestStatistics):
         self, source: Source, state: AdaptationState, logits: torch.Tensor, admitted: torch.Tensor | None
     ) -> None:
         state.monitor.observe(logits, softmax_entropy(logits), admitted)
-        state.counters.drift = relative_drift(state.params, source.source_params)
+        if state.drift_at_steps != state.counters.steps_total:  # the parameters change only with a step
+            state.counters.drift = relative_drift(state.params, source.source_params)
+            state.drift_at_steps = state.counters.steps_total
         if (reason := source.guards.reset_reason(state)) is not None:
             state.reset(reason, source)
 
