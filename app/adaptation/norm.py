@@ -87,19 +87,19 @@ class TestTimeBatchNorm(nn.Module):
             self.recorder.moments[self] = (flat.mean(spatial), flat.square().mean(spatial))
         if self.mix is not None:  # several streams' images: each with its own stream's layer (see mixed_forward)
             layers, index = self.mix
-            scales, shifts = zip(*(layer.scale_and_shift() for layer in layers), strict=True)
+            # Every stream's map at once, from its layer's tensors stacked (the same numbers as layer by layer).
+            scales, shifts = _scale_and_shift(
+                *(torch.stack([getattr(layer, name) for layer in layers]) for name in _SCALE_AND_SHIFT_OF), self.eps
+            )
             shape = (len(x), -1) + (1,) * (x.dim() - 2)
-            return x * torch.stack(scales)[index].view(shape) + torch.stack(shifts)[index].view(shape)
+            return x * scales[index].view(shape) + shifts[index].view(shape)
         scale, shift = self.scale_and_shift()
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * scale.view(shape) + shift.view(shape)
 
     def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalisation with the class-balanced statistics, then the affine parameters, as one map per channel."""
-        mean = self.class_mean.mean(0)
-        var = (self.class_sqmean.mean(0) - mean.square()).clamp_min(0.0)
-        scale = self.weight / torch.sqrt(var + self.eps)
-        return scale, self.bias - mean * scale
+        return _scale_and_shift(*(getattr(self, name) for name in _SCALE_AND_SHIFT_OF), self.eps)
 
     @torch.no_grad()
     def source_distance(self, means: torch.Tensor) -> torch.Tensor:
@@ -119,6 +119,20 @@ class TestTimeBatchNorm(nn.Module):
         """Average a batch's images (their moments) into the running moments of the classes they were predicted as:
         all of them, or those `admitted` (a mask); `freshness`, when given, is the rows' freshness after them."""
         _average_in(self, means, sqmeans, predicted, admitted, freshness, None)
+
+
+_SCALE_AND_SHIFT_OF = ("class_mean", "class_sqmean", "weight", "bias")  # what a layer's map is made of
+
+
+def _scale_and_shift(
+    class_mean: torch.Tensor, class_sqmean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`TestTimeBatchNorm.scale_and_shift` of one layer (rows x channels of moments), or of several streams' copies of
+    it stacked (streams x rows x channels; weight and bias streams x channels)."""
+    mean = class_mean.mean(-2)
+    var = (class_sqmean.mean(-2) - mean.square()).clamp_min(0.0)
+    scale = weight / torch.sqrt(var + eps)
+    return scale, bias - mean * scale
 
 
 class ClassStatistics:
@@ -400,6 +414,10 @@ def mixed_forward(
 
 
 def can_mix(model: nn.Module) -> bool:
-    """Whether `mixed_forward` gives this model's exact normalisation: only robust TestTimeBatchNorm layers adapt."""
+    """Whether `mixed_forward` gives this model's exact normalisation: only robust TestTimeBatchNorm layers adapt, each
+    with the plain map (it computes every stream's at once)."""
     norms = [m for m in model.modules() if isinstance(m, (TestTimeBatchNorm, *AFFINE_NORMS))]
-    return bool(norms) and all(isinstance(m, TestTimeBatchNorm) and m.robust for m in norms)
+    return bool(norms) and all(
+        isinstance(m, TestTimeBatchNorm) and m.robust and type(m).scale_and_shift is TestTimeBatchNorm.scale_and_shift
+        for m in norms
+    )
