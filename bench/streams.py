@@ -554,12 +554,14 @@ def inprocess(args: argparse.Namespace) -> None:
 PHASES = {
     "shared forward pass (mixed_forward)": ("norm.py", "mixed_forward"),
     "entropy steps on buffered images (_buffer_and_maybe_step)": ("methods/tent.py", "_buffer_and_maybe_step"),
-    "statistics commit per layer (BatchMoments.commit)": ("adaptation/norm.py", "commit"),
+    "statistics commit (BatchMoments.commit)": ("adaptation/norm.py", "commit"),
+    "admission guards: plausibility, class pace (Guards.admission)": ("adaptation/guards.py", "admission"),
     "rollback rows of the statistics (BatchMoments.rows)": ("adaptation/norm.py", "rows"),
+    # (with the buffered steps' own points, and the lag's copy of the state into its twin: these nest in the steps)
     "rollback point clone (AdaptationState.checkpoint)": ("state.py", "checkpoint"),
     "collapse monitor and drift (_after_batch)": ("methods/tent.py", "_after_batch"),
     "per-stream snapshots after the batch (StreamEngines.snapshots)": ("streams.py", "snapshots"),
-    "output: softmax, top-k, lists (rest of ModelWorker._predict)": None,
+    "output: softmax, top-k, lists (rest of ModelWorker._answer)": None,
 }
 
 
@@ -580,16 +582,16 @@ def profile_worker(worker: Any, feed: BatchFeed, count: int, batches_: int) -> d
         return sum(v[3] for k, v in entries.items() if k[0].endswith(file_end) and k[2] == function)
 
     job = cumulative("bench/streams.py", "worker_job")
-    predict = cumulative("serving/worker.py", "_predict")
-    step = cumulative("adaptation/streams.py", "step")
+    answer = cumulative("serving/worker.py", "_answer")
+    predict = cumulative("adaptation/streams.py", "predict")
     phases = {}
     for label, where in PHASES.items():
         if where is None:
-            phases[label] = predict - step
+            phases[label] = answer - predict
         else:
             phases[label] = cumulative(*where)
     # what else StreamEngines.step does: creating the per-stream lists, indexing each stream's rows, engine.step's own
-    phases["other (engine.step's own lines, indexing, dispatch)"] = job - sum(phases.values())
+    phases["other (dispatch, indexing, the engines' own lines)"] = job - sum(phases.values())
     top = sorted(entries.items(), key=lambda item: item[1][2], reverse=True)[:20]
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)

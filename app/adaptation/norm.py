@@ -18,6 +18,8 @@ batch's moments (`BatchMoments`), and `BatchMoments.commit(predicted, ...)` aver
 pass outside `recording` (a repeated entropy step, the buffered step) records nothing.
 """
 
+from __future__ import annotations
+
 import copy
 import weakref
 from collections.abc import Iterator
@@ -291,25 +293,29 @@ class BatchMoments:
     statistics: ClassStatistics | None = None  # the layers' statistics, when they are stacked
     moments: dict[TestTimeBatchNorm, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     side_by_side: tuple[torch.Tensor, torch.Tensor] | None = None  # every layer's moments, images x all channels
+    # These images' rows of a larger batch's moments (mixed_forward), whose source distance is computed once for all.
+    rows_of: tuple[BatchMoments, list[int]] | None = None
+    distance: torch.Tensor | None = None  # `source_distance`, once computed
 
     @classmethod
     def of_images(
         cls,
         layers: list[TestTimeBatchNorm],
         statistics: ClassStatistics | None,
-        means: torch.Tensor,
-        sqmeans: torch.Tensor,
-    ) -> "BatchMoments":
-        """Moments given side by side (images x all the layers' channels, in layer order), as `stacked` returns them."""
+        batch: BatchMoments,
+        rows: list[int],
+    ) -> BatchMoments:
+        """These rows of `batch`'s moments, for `layers` (another model's copy of the same layers, in order)."""
+        means, sqmeans = (moments[rows] for moments in batch.stacked())
         widths = [layer.class_mean.shape[1] for layer in layers]
         moments = dict(zip(layers, zip(means.split(widths, 1), sqmeans.split(widths, 1), strict=True), strict=True))
-        return cls(layers, statistics, moments, (means, sqmeans))
+        return cls(layers, statistics, moments, (means, sqmeans), (batch, rows))
 
     def recorded(self) -> list[tuple[TestTimeBatchNorm, torch.Tensor, torch.Tensor]]:
         return [(layer, *self.moments[layer]) for layer in self.layers if layer in self.moments]
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's moments side by side: images x all the layers' channels, in layer order."""
+        """Every layer's moments side by side: images x all the layers' channels, in layer order (computed once)."""
         if self.side_by_side is None:
             recorded = self.recorded()
             self.side_by_side = torch.cat([m for _, m, _ in recorded], 1), torch.cat([s for _, _, s in recorded], 1)
@@ -342,13 +348,20 @@ class BatchMoments:
 
     def source_distance(self) -> torch.Tensor | None:
         """Per image: the mean over every channel of every layer of its source-normalised squared distance
-        (`TestTimeBatchNorm.source_distance`); None when nothing was recorded."""
-        sums, channels = None, 0
-        for layer, means, _ in self.recorded():
-            distance = layer.source_distance(means)
-            sums = distance if sums is None else sums + distance
-            channels += layer.class_mean.shape[1]
-        return None if sums is None else sums / channels
+        (`TestTimeBatchNorm.source_distance`); None when nothing was recorded. Of a few rows of a batch: the
+        batch's, computed once (the source's statistics are every stream's; per image, the same numbers)."""
+        if self.rows_of is not None:
+            batch, rows = self.rows_of
+            distance = batch.source_distance()
+            return None if distance is None else distance[rows]
+        if self.distance is None and self.moments:
+            sums, channels = None, 0
+            for layer, means, _ in self.recorded():
+                distance = layer.source_distance(means)
+                sums = distance if sums is None else sums + distance
+                channels += layer.class_mean.shape[1]
+            self.distance = sums / channels
+        return self.distance
 
 
 def recording_layers(model: nn.Module) -> list[TestTimeBatchNorm]:
@@ -406,9 +419,8 @@ def mixed_forward(
     finally:
         for layer in carrier:
             layer.mix = None
-    means, sqmeans = moments.stacked()
     return logits, [
-        BatchMoments.of_images(model_layers, _STACKED.get(model), means[r], sqmeans[r])
+        BatchMoments.of_images(model_layers, _STACKED.get(model), moments, r)
         for model, model_layers, r in zip(models, layers, rows, strict=True)
     ]
 
