@@ -241,6 +241,21 @@ def test_entropy_average_spans_the_same_images_at_any_batch_size() -> None:
     assert batched.entropy_ema == pytest.approx(0.9 * math.log(10), rel=1e-6)
 
 
+def test_the_diversity_window_of_single_images_is_the_window_of_the_same_images_in_batches() -> None:
+    """Single images fill the diversity window in buckets of 64 (2,048 / 32), not an entry each: the same images in
+    the window as in batches of 64, and its memory bounded however small the batches."""
+    batched, single = CollapseMonitor(10, 0.9, 2048, 64), CollapseMonitor(10, 0.9, 2048, 64)
+    logits = torch.randn(5000, 10, generator=torch.Generator().manual_seed(0)) * 3
+    for batch in logits.split(64):
+        batched.observe(batch, softmax_entropy(batch))
+    for row in logits.split(1):
+        single.observe(row, softmax_entropy(row))
+    assert single._window_count == batched._window_count >= 2048
+    assert torch.allclose(single.class_shares(), batched.class_shares(), rtol=1e-6)  # float32 sums per batch
+    assert single.diversity() == pytest.approx(batched.diversity(), rel=1e-6)
+    assert len(single._probability_sums) == len(batched._probability_sums) <= 33
+
+
 def test_unreliable_samples_make_no_step(source, clean) -> None:
     x, _ = clean
     e = engine(source, reliable_entropy=1e-9, min_batch=32)

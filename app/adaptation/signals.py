@@ -64,6 +64,11 @@ def paced_admission(
     )
 
 
+# The windows below keep a probability sum per entry; entries are buckets of window / WINDOW_ENTRIES images (64 for
+# the default window of 2,048), so that a window's memory does not depend on how small the batches are.
+WINDOW_ENTRIES = 32
+
+
 class CollapseMonitor:
     """Tracks the EMA of the prediction entropy (decay per `decay_images` images) and the entropy of the mean
     prediction over a window; and the mean prediction over a window of the admitted images only (those the
@@ -74,6 +79,8 @@ class CollapseMonitor:
         self.ema_decay = ema_decay
         self.decay_images = decay_images  # ema_decay applies per this many images, whatever the batch size
         self.window = window
+        self.bucket = max(1, window // WINDOW_ENTRIES)  # images per entry of a window at least (see _push)
+        self._bucket_images = 0  # images observed into the windows' last entries
         self.entropy_ema: float | None = None
         self._probability_sums: deque[tuple[torch.Tensor, int]] = deque()
         self._window_sum = torch.zeros(num_classes, dtype=torch.float64)
@@ -93,8 +100,10 @@ class CollapseMonitor:
             decay = self.ema_decay ** (len(logits) / self.decay_images)
             self.entropy_ema = decay * self.entropy_ema + (1 - decay) * batch_entropy
         batch_sum = logits.softmax(1).sum(0).double().cpu()
+        merge = self._bucket_images < self.bucket
+        self._bucket_images = (self._bucket_images if merge else 0) + len(logits)
         self._window_count = self._push(
-            self._probability_sums, self._window_sum, self._window_count, batch_sum, len(logits)
+            self._probability_sums, self._window_sum, self._window_count, batch_sum, len(logits), merge
         )
         if admitted is None or bool(admitted.all()):  # the same sum, so that both windows agree exactly then
             admitted_sum, count = batch_sum, len(logits)
@@ -102,12 +111,24 @@ class CollapseMonitor:
             admitted_sum, count = logits[admitted].softmax(1).sum(0).double().cpu(), int(admitted.sum())
         if count:
             self._admitted_count = self._push(
-                self._admitted_sums, self._admitted_sum, self._admitted_count, admitted_sum, count
+                self._admitted_sums, self._admitted_sum, self._admitted_count, admitted_sum, count, merge
             )
 
-    def _push(self, sums: deque, total: torch.Tensor, count: int, batch_sum: torch.Tensor, images: int) -> int:
-        """Add a batch's probability sum to a window (in place), drop what falls out of it; the new count."""
-        sums.append((batch_sum, images))
+    def _push(
+        self, sums: deque, total: torch.Tensor, count: int, batch_sum: torch.Tensor, images: int, merge: bool
+    ) -> int:
+        """Add a batch's probability sum to a window (in place), drop what falls out of it; the new count.
+
+        Batches share an entry (`merge`) until `bucket` images have been observed into it (counted over every image,
+        so that both windows keep the same entries, and batches of `bucket` or more an entry each, as they always
+        did): the window forgets in steps of up to `bucket` images, and holds about WINDOW_ENTRIES entries however
+        small the batches (one per batch was 2,048 entries of C float64 on single-image traffic: 16 MB per stream
+        at 1,000 classes)."""
+        entry = (batch_sum, images)
+        if merge and sums:
+            last, last_images = sums.pop()
+            entry = (last + batch_sum, last_images + images)  # a new tensor: the other window may share `last`
+        sums.append(entry)
         total += batch_sum
         count += images
         while count - sums[0][1] >= self.window:
@@ -156,6 +177,7 @@ class CollapseMonitor:
         """The EMA and the windows as they are (the windows' sums too: re-adding would round differently)."""
         return {
             "entropy_ema": self.entropy_ema,
+            "bucket_images": self._bucket_images,
             **self._window_state(self._probability_sums, self._window_sum, self._window_count),
             "admitted": self._window_state(self._admitted_sums, self._admitted_sum, self._admitted_count),
         }
@@ -177,6 +199,8 @@ class CollapseMonitor:
         everything = self._window_from(state)
         held = self._window_from(admitted)
         self.entropy_ema = state["entropy_ema"]
+        # A state saved before the buckets: an entry per batch, each closed.
+        self._bucket_images = state.get("bucket_images", self.bucket)
         self._probability_sums, self._window_sum, self._window_count = everything
         self._admitted_sums, self._admitted_sum, self._admitted_count = held
 
