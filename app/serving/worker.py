@@ -28,6 +28,7 @@ import torch
 
 from app.adaptation.signals import softmax_entropy
 from app.adaptation.streams import DEFAULT_STREAM, StreamEngines
+from app.serving.heap import HeapTrimmer
 from models.data import normalize
 
 # The model thread runs below the event loop's priority: where the two share a core, the loop then answers at once
@@ -72,6 +73,7 @@ class ModelWorker:
         self._jobs: queue.Queue[tuple[Job, concurrent.futures.Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self._steps = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptation-step")
+        self.heap = HeapTrimmer()
         # Both replaced (never mutated) after every job, so other threads read them without a lock.
         self._fresh = self.engine.snapshot()  # what a stream with no state yet looks like
         self.stream_snapshots: dict[str, dict[str, Any]] = {DEFAULT_STREAM: self._fresh}
@@ -81,8 +83,17 @@ class ModelWorker:
         # The executor's one thread starts with its first job, here (so from this thread's priority, not the model
         # thread's), and that job lowers its priority for good.
         self._steps.submit(lower_this_threads_priority, STEP_THREAD_NICE).result()
-        self.engine.shared.run_step = self._steps.submit  # every stream's: they share the default stream's Source
+        self.engine.shared.run_step = self._run_step  # every stream's: they share the default stream's Source
         self._thread.start()
+
+    def _run_step(self, step: Callable[[], Any]) -> concurrent.futures.Future:
+        def step_then_trim() -> Any:
+            try:
+                return step()
+            finally:
+                self.heap.maybe_trim()
+
+        return self._steps.submit(step_then_trim)
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -150,6 +161,7 @@ class ModelWorker:
                 except Exception:
                     log.exception("the adaptation after a batch failed; the stream keeps its state as it was left")
                 self._take_snapshots()
+            self.heap.maybe_trim()
 
     def _take_snapshots(self) -> None:
         self.stream_snapshots = self.streams.snapshots(self.stream_snapshots)

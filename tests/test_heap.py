@@ -1,0 +1,77 @@
+"""The heap trimmer (app/serving/heap.py): glibc's free pages handed back once the resident size has grown past the
+baseline, checked at most once per interval, from the model thread and the step thread."""
+
+import sys
+
+import pytest
+import torch
+
+from app.serving.heap import HeapTrimmer, glibc_malloc_trim, resident_bytes
+
+
+class Heap:
+    """A resident size the test sets, and the trims asked of it: the rule's inputs and outputs, without glibc (the
+    real trim is the next test's)."""
+
+    def __init__(self) -> None:
+        self.size = 1000
+        self.trims = 0
+
+    def trim(self, pad: int) -> int:
+        self.trims += 1
+        self.size = 1000
+        return 1
+
+
+def test_trims_only_past_the_growth_over_the_baseline_read_after_the_last_trim() -> None:
+    heap = Heap()
+    trimmer = HeapTrimmer(check_interval_s=0, growth=1.25, trim=heap.trim, resident=lambda: heap.size)
+    trimmer.maybe_trim()
+    assert trimmer.baseline == 1000 and heap.trims == 0  # the first check reads the baseline
+    heap.size = 1250
+    trimmer.maybe_trim()
+    assert heap.trims == 0  # not past 1.25 x the baseline
+    heap.size = 1251
+    trimmer.maybe_trim()
+    assert heap.trims == 1 and trimmer.baseline is None
+    heap.size = 3000  # the next step's working set faulted in again: the new baseline, not a reason to trim
+    trimmer.maybe_trim()
+    assert heap.trims == 1 and trimmer.baseline == 3000
+    heap.size = 3700
+    trimmer.maybe_trim()
+    assert heap.trims == 1
+    heap.size = 3800
+    trimmer.maybe_trim()
+    assert heap.trims == 2
+
+
+def test_checks_at_most_once_per_interval() -> None:
+    heap = Heap()
+    trimmer = HeapTrimmer(check_interval_s=3600, growth=1.25, trim=heap.trim, resident=lambda: heap.size)
+    trimmer.maybe_trim()  # the baseline
+    heap.size = 5000
+    for _ in range(100):
+        trimmer.maybe_trim()
+    assert heap.trims == 0  # the next check is an hour away
+
+
+@pytest.mark.skipif(glibc_malloc_trim() is None, reason=f"no glibc malloc_trim on {sys.platform}")
+def test_a_real_trim_gives_back_the_pages_freed_among_live_allocations() -> None:
+    """Real glibc: 64 kB tensors (below the mmap threshold, so from the heap) freed among small ones that stay, as a
+    step's activations among the streams' tensors; the freed pages stay resident until the trimmer trims."""
+    trimmer = HeapTrimmer(check_interval_s=0, growth=0.0)  # every check after a baseline trims
+    trimmer.maybe_trim()
+    trimmer.maybe_trim()  # a clean heap first: what earlier tests freed is no longer resident
+    clean = resident_bytes()
+    kept, freed = [], []
+    for _ in range(3000):
+        freed.append(torch.empty(16 * 1024).fill_(1.0))  # 64 kB, touched: resident
+        kept.append(torch.ones(8))
+    del freed
+    fragmented = resident_bytes()
+    assert fragmented > clean + 150e6, "the 196 MB freed are not resident: nothing for a trim to give back"
+    trimmer.maybe_trim()  # the baseline after the last trim
+    trimmer.maybe_trim()
+    assert trimmer.trims == 2
+    assert resident_bytes() < fragmented - 150e6
+    assert len(kept) == 3000
