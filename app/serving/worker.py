@@ -10,7 +10,9 @@ app/adaptation/lag.py) it is computed on the stream's twin by a second thread, t
 stream, first in first out, below the model thread's priority), and applied by the model thread just before that
 stream's next step or reset, waiting for it only then. The next requests, of that stream too, are answered meanwhile
 with the parameters before the step (one step behind); the predictions are those of the same stream run in-process,
-whatever the threads' timing. Without the lag the buffered step runs on the model thread after the answer."""
+whatever the threads' timing. Without the lag the buffered step runs on the model thread after the answer.
+
+After every job and every step the heap trimmer (app/serving/heap.py) may hand the C heap's free pages back."""
 
 import asyncio
 import concurrent.futures
