@@ -325,6 +325,47 @@ def test_small_batches_are_buffered_and_never_normalised_alone(source, clean) ->
     assert torch.allclose(bn.class_mean[predicted], torch.lerp(before[predicted], seen[0], share), atol=1e-6)
 
 
+def test_a_full_batch_after_a_switch_is_normalised_with_its_own_domain_at_once(source, model_path, test_zip) -> None:
+    """The class-balanced statistics take thousands of images to reach a new domain; a full batch's own residual
+    from them (norm.batch_correction) carries the switch at its first batch. Low contrast, 192 images: the first
+    three batches after the switch, with the correction and without it."""
+    _, card = load_checkpoint(model_path)
+    data = load_zip(test_zip, limit_per_class=20)
+    order = torch.as_tensor(np.random.default_rng(1).permutation(len(data)))[:192]
+    pixels = 0.5 + 0.25 * (data.images[order].float() / 255 - 0.5)  # a quarter of the contrast
+    mean, std = torch.tensor(card.mean).view(1, 3, 1, 1), torch.tensor(card.std).view(1, 3, 1, 1)
+    x, y = (pixels - mean) / std, data.labels[order]
+    corrected = prequential_accuracy(engine(source), x, y, 64)
+    running = prequential_accuracy(engine(source, batch_stats_prior=0), x, y, 64)
+    assert corrected > running + 0.1, (corrected, running)
+
+
+def test_a_small_batch_is_not_corrected_by_its_own_statistics(source, clean) -> None:
+    """Batches under min_batch are buffered, and may be predicted together with other streams' images: they are
+    normalised with the running statistics alone, exactly as without the correction."""
+    x, _ = clean
+    with_correction, without = engine(source), engine(source, batch_stats_prior=0)
+    for start in range(0, 96, 16):
+        batch = x[start : start + 16]
+        assert torch.equal(with_correction.step(batch).logits, without.step(batch).logits)
+
+
+def test_batch_correction_weighs_a_batch_by_its_images_and_the_classes_it_spreads_over() -> None:
+    even = torch.eye(10).repeat(7, 1)[:64]  # 64 images, every class about as often
+    correction = norm.batch_correction(even, rows=10, prior_images=128)
+    assert correction.share == pytest.approx(64 / 192, rel=0.02) and correction.composition.sum() == pytest.approx(1)
+    one_class = torch.zeros(64, 10)
+    one_class[:, 3] = 1
+    assert norm.batch_correction(one_class, rows=10, prior_images=128).share == 0
+    half = torch.arange(64) < 32
+    corrected = norm.batch_correction(even, rows=10, prior_images=128, images=half)
+    assert corrected.share == pytest.approx(32 / 160, rel=0.02) and corrected.images is half
+    folded = norm.batch_correction(even, rows=4, prior_images=128)  # classes share rows by index modulo rows
+    shares = even.mean(0)
+    expected = [float(shares[row::4].sum()) for row in range(4)]  # rows 0, 1: three classes; rows 2, 3: two
+    assert folded.composition.tolist() == pytest.approx(expected)
+
+
 def test_one_class_stream_moves_only_its_predicted_classes_statistics(source, clean) -> None:
     """Hundreds of images of one class in a row (a class-sorted stream) must not become the test statistics."""
     x, y = clean
@@ -430,7 +471,9 @@ def test_a_flood_of_one_class_moves_its_statistics_only_at_the_pace_of_the_other
     rows, overall = share_of_the_way(e, cat_flood)
     assert rows.max() < 0.1 and overall < 0.05, rows
     assert e.stats.held_back["class_pace"] > 0.8 * len(cat_flood)
-    assert e.state.monitor.class_shares()[3] > 0.8, "the flood is predicted as cat"
+    # Most of the flood is predicted as cat (85% with the batch correction off: each batch's own statistics, weighed
+    # less the fewer classes it spreads over, still move its normalisation a little toward the flood's own).
+    assert e.state.monitor.class_shares()[3] > 0.75, "the flood is predicted as cat"
     # The re-weighting reads the admitted images' shares (mean probabilities: the admitted are mostly cats predicted
     # as something else, with some probability of cat still).
     assert e.state.monitor.admitted_shares()[3] < 0.5

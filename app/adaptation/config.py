@@ -41,6 +41,17 @@ class AdaptationConfig(BaseModel):
         description="images over which the class-balanced test statistics average (small-batch guard)",
         json_schema_extra=GUARD_SETTING,
     )
+    # A full batch (min_batch images or more) is normalised with the class-balanced statistics moved by its own
+    # residual from them (norm.batch_correction): a domain switch is followed at its first batch instead of after
+    # thousands of images (docs/BENCHMARKS.md, "Following a domain switch"). Costs a first forward pass per batch.
+    batch_stats_prior: int = Field(
+        128,
+        ge=0,
+        description="images of running statistics a full batch's own statistics are weighed against (they move the "
+        "class-balanced statistics by images / (images + this) of the batch's residual, less for a batch of few "
+        "classes); 0: a batch is normalised with the running statistics alone",
+        json_schema_extra=GUARD_SETTING,
+    )
     # What bounds a stream's memory with many classes: a ResNet-50's BatchNorm layers have 26,560 channels, so a row
     # of its statistics costs 0.21 MB, and 1,000 classes a row each would be 212 MB per stream. 12 MB: 56 rows for
     # it (issue 15's target of 16 MB per stream, with its 0.9 MB of parameters, optimiser and monitor), still one row

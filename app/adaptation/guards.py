@@ -4,6 +4,7 @@ the guards a configuration turns on, in the order of `GUARD_TYPES`; what a guard
 image held back) it names in its class, so the counters know every reason without the engine listing them.
 
 Hooks (each a no-op unless a guard defines it), in the order a batch meets them:
+- `corrects`: on a full batch's first pass, which of its images may correct the statistics it is normalised with;
 - `admit`: after the prediction, which of the batch's images join the class-balanced statistics and the step;
 - `rollback_point`: before anything changes, what a non-finite value rolls back to;
 - `skip_reason`: before an entropy step, a reason not to take it;
@@ -53,6 +54,9 @@ class Guard:
     @classmethod
     def enabled(cls, config: AdaptationConfig) -> bool:
         return bool(getattr(config, f"guard_{cls.name}"))
+
+    def corrects(self, batch: Predicted) -> torch.Tensor | None:
+        return None
 
     def admit(self, state: AdaptationState, batch: Predicted, admission: Admission) -> None:
         pass
@@ -140,6 +144,10 @@ class Plausible(Guard):
     """Features far from anything the model was trained on (noise): not a domain to adapt to."""
 
     name, skip_reasons, held_back_reasons = "plausible", ("held_back",), ("implausible",)
+
+    def corrects(self, batch: Predicted) -> torch.Tensor:
+        # Measured before the correction: noise normalised with its own statistics would look plausible after it.
+        return batch.moments.source_distance().to(batch.classes.device) <= self.config.plausible_distance
 
     def admit(self, state: AdaptationState, batch: Predicted, admission: Admission) -> None:
         admitted = batch.moments.source_distance().to(batch.classes.device) <= self.config.plausible_distance
@@ -270,6 +278,11 @@ class Guards:
     def buffers(self, images: int) -> bool:
         """Whether a batch of this many images is buffered for a later step rather than stepped on alone."""
         return self.min_batch is not None and self.min_batch.buffers(images)
+
+    def corrects(self, batch: Predicted) -> torch.Tensor | None:
+        """Which images of a first pass may correct the batch's statistics (None: all of them)."""
+        masks = [m for g in self.active if (m := g.corrects(batch)) is not None]
+        return None if not masks else torch.stack(masks).all(0)
 
     def admission(self, state: AdaptationState, batch: Predicted) -> Admission:
         admission = Admission()

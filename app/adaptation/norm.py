@@ -63,6 +63,7 @@ class TestTimeBatchNorm(nn.Module):
         # stats_horizon counts images over all classes; each row's estimate sees about 1/rows of them.
         self.per_sample_momentum = min(1.0, rows / stats_horizon)
         self.recorder: BatchMoments | None = None  # set only inside `recording`
+        self.correction: BatchCorrection | None = None  # set only inside `corrected_by`
         self.mix: tuple[list[TestTimeBatchNorm], torch.Tensor] | None = None  # set only during mixed_forward
         self.weight = nn.Parameter(bn.weight.detach().clone())
         self.bias = nn.Parameter(bn.bias.detach().clone())
@@ -95,13 +96,35 @@ class TestTimeBatchNorm(nn.Module):
             )
             shape = (len(x), -1) + (1,) * (x.dim() - 2)
             return x * scales[index].view(shape) + shifts[index].view(shape)
-        scale, shift = self.scale_and_shift()
+        if self.correction is not None:
+            scale, shift = self.corrected_scale_and_shift(x, self.correction)
+        else:
+            scale, shift = self.scale_and_shift()
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * scale.view(shape) + shift.view(shape)
 
     def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalisation with the class-balanced statistics, then the affine parameters, as one map per channel."""
         return _scale_and_shift(*(getattr(self, name) for name in _SCALE_AND_SHIFT_OF), self.eps)
+
+    def corrected_scale_and_shift(
+        self, x: torch.Tensor, correction: BatchCorrection
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The map with the class-balanced statistics moved by the batch's own: by `correction.share` of how far the
+        batch's moments are from what its predicted classes' rows expect (`correction.composition`). A domain switch
+        moves every class's moments, so the batch's residual carries it at once; a batch of a few classes is compared
+        with those classes' own rows, so its classes do not become the statistics (and `share` is small for it)."""
+        flat = x.detach().float()
+        if correction.images is not None:
+            flat = flat[correction.images.to(flat.device)]
+        spatial = [0, *range(2, x.dim())]
+        mean_residual = flat.mean(spatial) - correction.composition @ self.class_mean
+        sqmean_residual = flat.square().mean(spatial) - correction.composition @ self.class_sqmean
+        mean = self.class_mean.mean(0) + correction.share * mean_residual
+        sqmean = self.class_sqmean.mean(0) + correction.share * sqmean_residual
+        var = (sqmean - mean.square()).clamp_min(0.0)
+        scale = self.weight / torch.sqrt(var + self.eps)
+        return scale, self.bias - mean * scale
 
     @torch.no_grad()
     def source_distance(self, means: torch.Tensor) -> torch.Tensor:
@@ -382,6 +405,47 @@ def recording(model: nn.Module) -> Iterator[BatchMoments]:
     finally:
         for layer in moments.layers:
             layer.recorder = None
+
+
+@dataclass(frozen=True)
+class BatchCorrection:
+    """How a batch's own statistics correct the class-balanced ones in its pass (`TestTimeBatchNorm.forward`)."""
+
+    composition: torch.Tensor  # per row of the statistics: the share of the batch predicted as its classes
+    share: float  # of the batch's residual that moves the statistics, in [0, 1)
+    images: torch.Tensor | None  # which images' moments make the residual (None: all)
+
+
+def batch_correction(
+    probabilities: torch.Tensor, rows: int, prior_images: int, images: torch.Tensor | None = None
+) -> BatchCorrection:
+    """The correction for a batch predicted as `probabilities` (images x classes) by a first pass, from the `images`
+    (a mask; None: all) that may make it: their residual weighs as their number against `prior_images` of the
+    running statistics, times how many classes they spread over (the effective number of classes of their mean
+    prediction, from 1: none, to min(classes, images): all), so that class-sorted traffic, whose batches hold one or
+    two classes, keeps the running statistics."""
+    if images is not None:
+        probabilities = probabilities[images.to(probabilities.device)]
+    count, classes = probabilities.shape
+    spread = probabilities.double().mean(0)
+    effective = torch.exp(-(spread * spread.clamp_min(1e-12).log()).sum())
+    evenness = float(((effective - 1) / max(1, min(classes, count) - 1)).clamp(0.0, 1.0))
+    composition = torch.zeros(rows, dtype=torch.float32, device=probabilities.device)
+    composition.index_add_(0, torch.arange(classes, device=probabilities.device) % rows, spread.float())
+    return BatchCorrection(composition, evenness * count / (count + prior_images), images)
+
+
+@contextmanager
+def corrected_by(model: nn.Module, correction: BatchCorrection) -> Iterator[None]:
+    """Forward passes made inside normalise with the class-balanced statistics corrected by the batch's own."""
+    layers = recording_layers(model)
+    for layer in layers:
+        layer.correction = correction
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.correction = None
 
 
 @torch.no_grad()

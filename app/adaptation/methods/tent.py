@@ -10,6 +10,8 @@ behind, and the step is off the request's path. A full batch steps at once on it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -17,14 +19,36 @@ import torch
 from torch import nn
 
 from app.adaptation import lag
+from app.adaptation.guards import Predicted
 from app.adaptation.methods.base import Forward, SharedForward
 from app.adaptation.methods.norm import TestStatistics, rollback
-from app.adaptation.norm import recording
+from app.adaptation.norm import batch_correction, class_statistics, corrected_by, recording
 from app.adaptation.signals import relative_drift, softmax_entropy
 
 if TYPE_CHECKING:
     from app.adaptation.config import AdaptationConfig
     from app.adaptation.state import AdaptationState, Checkpoint, Source
+
+
+@contextmanager
+def corrected(source: Source, state: AdaptationState, x: torch.Tensor) -> Iterator[None]:
+    """A full batch's passes with its own statistics correcting the class-balanced ones (norm.batch_correction),
+    from a first pass's prediction without a gradient; as they are where the setting or the statistics are off."""
+    prior = source.config.batch_stats_prior
+    layer = class_statistics(state.model)
+    if not prior or layer is None or len(x) < 2:
+        yield
+        return
+    with torch.no_grad(), recording(state.model) as moments:  # only the pass after counts in the statistics
+        logits = state.model(x)
+    probabilities = logits.softmax(1)
+    correcting = source.guards.corrects(Predicted(logits, logits.argmax(1), moments))
+    if correcting is not None and not bool(correcting.any()):
+        yield  # nothing plausible to correct with (noise)
+        return
+    correction = batch_correction(probabilities, len(layer.class_mean), prior, correcting)
+    with corrected_by(state.model, correction):
+        yield
 
 
 class Tent(TestStatistics):
@@ -42,7 +66,7 @@ class Tent(TestStatistics):
         if source.guards.buffers(len(x)):
             return self.forward_without_grad(state, x, shared)
         state.settle()  # a pending buffered step lands before this batch's own step, which this pass begins
-        with torch.enable_grad(), recording(state.model) as moments:
+        with corrected(source, state, x), torch.enable_grad(), recording(state.model) as moments:
             logits = state.model(x)  # its graph: the batch's own entropy step reuses this pass
         return Forward(x, logits, moments)
 
@@ -76,7 +100,8 @@ class Tent(TestStatistics):
         logits = forward.logits
         for i in range(source.config.steps_per_batch):
             if i > 0:
-                logits = state.model(forward.x)  # not recorded: the batch was already counted in the statistics
+                with corrected(source, state, forward.x):  # not recorded: the batch is already in the statistics
+                    logits = state.model(forward.x)
             if not self._step(source, state, logits, point, admitted):
                 return
 
