@@ -150,7 +150,9 @@ def query(prometheus: str, promql: str) -> list[dict]:
 async def in_process_client(**settings: object) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
     """The app with its lifespan running, behind an httpx client that calls it in-process."""
     app = create_app(Settings(**settings))
-    async with LifespanManager(app) as manager:
+    # asgi-lifespan's default 5 s per phase: a shutdown that settles a pending step and writes the snapshot took
+    # longer on a CI machine running benchmarks beside the suite; the client's own timeout is 120 s.
+    async with LifespanManager(app, startup_timeout=120, shutdown_timeout=120) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://tta.test", timeout=120) as client:
             yield client, app
