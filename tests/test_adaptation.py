@@ -471,8 +471,9 @@ def test_a_flood_of_one_class_moves_its_statistics_only_at_the_pace_of_the_other
     rows, overall = share_of_the_way(e, cat_flood)
     assert rows.max() < 0.1 and overall < 0.05, rows
     assert e.stats.held_back["class_pace"] > 0.8 * len(cat_flood)
-    # Most of the flood is predicted as cat (85% with the batch correction off: each batch's own statistics, weighed
-    # less the fewer classes it spreads over, still move its normalisation a little toward the flood's own).
+    # Most of the flood is predicted as cat (the bound was 0.8 before the batch correction; 0.79 measured with it:
+    # each batch's own statistics, weighed less the fewer classes it spreads over, still move its normalisation a
+    # little toward the flood's own).
     assert e.state.monitor.class_shares()[3] > 0.75, "the flood is predicted as cat"
     # The re-weighting reads the admitted images' shares (mean probabilities: the admitted are mostly cats predicted
     # as something else, with some probability of cat still).

@@ -147,12 +147,15 @@ class Plausible(Guard):
 
     def corrects(self, batch: Predicted) -> torch.Tensor:
         # Measured before the correction: noise normalised with its own statistics would look plausible after it.
-        return batch.moments.source_distance().to(batch.classes.device) <= self.config.plausible_distance
+        return self._plausible(batch)
 
     def admit(self, state: AdaptationState, batch: Predicted, admission: Admission) -> None:
-        admitted = batch.moments.source_distance().to(batch.classes.device) <= self.config.plausible_distance
+        admitted = self._plausible(batch)
         state.counters.held_back["implausible"] += int((~admitted).sum())
         admission.admitted = admitted if admission.admitted is None else admission.admitted & admitted
+
+    def _plausible(self, batch: Predicted) -> torch.Tensor:
+        return batch.moments.source_distance().to(batch.classes.device) <= self.config.plausible_distance
 
 
 class ClassPace(Guard):
