@@ -325,29 +325,48 @@ def test_small_batches_are_buffered_and_never_normalised_alone(source, clean) ->
     assert torch.allclose(bn.class_mean[predicted], torch.lerp(before[predicted], seen[0], share), atol=1e-6)
 
 
-def test_a_full_batch_after_a_switch_is_normalised_with_its_own_domain_at_once(source, model_path, test_zip) -> None:
-    """The class-balanced statistics take thousands of images to reach a new domain; a full batch's own residual
-    from them (norm.batch_correction) carries the switch at its first batch. Low contrast, 192 images: the first
-    three batches after the switch, with the correction and without it."""
+@pytest.fixture(scope="module")
+def low_contrast(model_path: Path, test_zip: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """192 test images at a quarter of their contrast (a domain switch from the clean source), normalised."""
     _, card = load_checkpoint(model_path)
     data = load_zip(test_zip, limit_per_class=20)
     order = torch.as_tensor(np.random.default_rng(1).permutation(len(data)))[:192]
-    pixels = 0.5 + 0.25 * (data.images[order].float() / 255 - 0.5)  # a quarter of the contrast
+    pixels = 0.5 + 0.25 * (data.images[order].float() / 255 - 0.5)
     mean, std = torch.tensor(card.mean).view(1, 3, 1, 1), torch.tensor(card.std).view(1, 3, 1, 1)
-    x, y = (pixels - mean) / std, data.labels[order]
+    return (pixels - mean) / std, data.labels[order]
+
+
+def test_a_full_batch_after_a_switch_is_normalised_with_its_own_domain_at_once(source, low_contrast) -> None:
+    """The class-balanced statistics take thousands of images to reach a new domain; a full batch's own residual
+    from them (norm.batch_correction) carries the switch at its first batch: the first three batches after the
+    switch, with the correction and without it."""
+    x, y = low_contrast
     corrected = prequential_accuracy(engine(source), x, y, 64)
     running = prequential_accuracy(engine(source, batch_stats_prior=0), x, y, 64)
     assert corrected > running + 0.1, (corrected, running)
 
 
-def test_a_small_batch_is_not_corrected_by_its_own_statistics(source, clean) -> None:
-    """Batches under min_batch are buffered, and may be predicted together with other streams' images: they are
-    normalised with the running statistics alone, exactly as without the correction."""
+def test_small_batches_after_a_switch_are_corrected_by_the_recent_ones(source, low_contrast) -> None:
+    """Batches under min_batch are too small to correct themselves; the stream's recent small batches (the recent
+    residual) carry the switch within about a window of images: the same 192 images in batches of 4 and one by one,
+    with it and without it (TTA_RECENT_WINDOW=0)."""
+    x, y = low_contrast
+    for batch in (4, 1):
+        corrected = prequential_accuracy(engine(source), x, y, batch)
+        running = prequential_accuracy(engine(source, recent_window=0), x, y, batch)
+        assert corrected > running + 0.1, (batch, corrected, running)
+
+
+def test_a_small_batch_is_never_corrected_by_its_own_statistics(source, clean) -> None:
+    """A small batch may be predicted together with other streams' images, so its map may not depend on its own
+    images: with the recent residual off it is exactly the running statistics' (as with the correction off), and
+    the first small batch of a stream, with nothing recent yet, is that too."""
     x, _ = clean
-    with_correction, without = engine(source), engine(source, batch_stats_prior=0)
+    with_correction, without = engine(source, recent_window=0), engine(source, batch_stats_prior=0)
     for start in range(0, 96, 16):
         batch = x[start : start + 16]
         assert torch.equal(with_correction.step(batch).logits, without.step(batch).logits)
+    assert torch.equal(engine(source).step(x[:16]).logits, engine(source, batch_stats_prior=0).step(x[:16]).logits)
 
 
 def test_batch_correction_weighs_a_batch_by_its_images_and_the_classes_it_spreads_over() -> None:

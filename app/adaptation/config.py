@@ -52,6 +52,17 @@ class AdaptationConfig(BaseModel):
         "classes); 0: a batch is normalised with the running statistics alone",
         json_schema_extra=GUARD_SETTING,
     )
+    # A smaller batch (buffered: single images, a few per request, or mixed with other streams' images) is too small
+    # to correct itself; the stream's recent small batches play the batch's part: their residual, averaged over about
+    # this many images, moves the statistics as a full batch's own does (norm.py, "recent residual").
+    recent_window: int = Field(
+        32,
+        ge=0,
+        description="images of a stream's recent small batches whose residual from the class-balanced statistics "
+        "corrects them, weighed as a full batch's against batch_stats_prior; 0: small batches use the running "
+        "statistics alone",
+        json_schema_extra=GUARD_SETTING,
+    )
     # What bounds a stream's memory with many classes: a ResNet-50's BatchNorm layers have 26,560 channels, so a row
     # of its statistics costs 0.21 MB, and 1,000 classes a row each would be 212 MB per stream. 12 MB: 56 rows for
     # it (issue 15's target of 16 MB per stream, with its 0.9 MB of parameters, optimiser and monitor), still one row

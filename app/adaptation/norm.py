@@ -16,6 +16,12 @@ Which class an image belongs to is known only from the prediction its forward pa
 the statistics during that pass. The protocol is explicit: a forward pass made inside `recording(model)` returns the
 batch's moments (`BatchMoments`), and `BatchMoments.commit(predicted, ...)` averages them in afterwards. A forward
 pass outside `recording` (a repeated entropy step, the buffered step) records nothing.
+
+A domain switch moves every class's statistics at once, and the running ones take thousands of images to follow it.
+A full batch is normalised with them moved by its own residual from them (`batch_correction`, `corrected_by`). A
+smaller batch cannot be (it may be predicted with other streams' images, and a few images are no estimate): the
+stream's recent small batches play its part, as the recent residual every layer keeps (`ClassStatistics.add_recent`),
+which its map (`scale_and_shift`) always applies.
 """
 
 from __future__ import annotations
@@ -75,6 +81,15 @@ class TestTimeBatchNorm(nn.Module):
         self.register_buffer("class_sqmean", source_sqmean.repeat(rows, 1))
         # Per row: the share of its moments brought by the recent stream (0: still the source's); see guards.py.
         self.register_buffer("row_freshness", torch.zeros(rows, dtype=torch.float64))
+        # The stream's recent small batches (ClassStatistics.add_recent): their moments and their mean prediction
+        # folded onto the rows, averaged over about recent_window images, how many images that average holds, and
+        # the share of their residual that moves the statistics (0 until a small batch has been seen: the map is
+        # then exactly the running statistics').
+        self.register_buffer("recent_mean", torch.zeros_like(source_mean))
+        self.register_buffer("recent_sqmean", torch.zeros_like(source_mean))
+        self.register_buffer("recent_rows", torch.zeros(rows))
+        self.register_buffer("recent_count", torch.zeros(1))
+        self.register_buffer("recent_share", torch.zeros(1))
         # The source's statistics, constant (not state): what the plausibility guard measures an image against. The
         # source's own tensors (float32: no copy), which `configure` gives `bn`: every stream shares them.
         self.register_buffer("source_mean", source_mean, persistent=False)
@@ -104,7 +119,8 @@ class TestTimeBatchNorm(nn.Module):
         return x * scale.view(shape) + shift.view(shape)
 
     def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalisation with the class-balanced statistics, then the affine parameters, as one map per channel."""
+        """Normalisation with the class-balanced statistics corrected by the recent residual, then the affine
+        parameters, as one map per channel."""
         return _scale_and_shift(*(getattr(self, name) for name in _SCALE_AND_SHIFT_OF), self.eps)
 
     def corrected_scale_and_shift(
@@ -146,16 +162,38 @@ class TestTimeBatchNorm(nn.Module):
         _average_in(self, means, sqmeans, predicted, admitted, freshness, None)
 
 
-_SCALE_AND_SHIFT_OF = ("class_mean", "class_sqmean", "weight", "bias")  # what a layer's map is made of
+# What a layer's map is made of.
+_SCALE_AND_SHIFT_OF = (
+    "class_mean",
+    "class_sqmean",
+    "weight",
+    "bias",
+    "recent_mean",
+    "recent_sqmean",
+    "recent_rows",
+    "recent_share",
+)
 
 
 def _scale_and_shift(
-    class_mean: torch.Tensor, class_sqmean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    class_mean: torch.Tensor,
+    class_sqmean: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    recent_mean: torch.Tensor,
+    recent_sqmean: torch.Tensor,
+    recent_rows: torch.Tensor,
+    recent_share: torch.Tensor,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`TestTimeBatchNorm.scale_and_shift` of one layer (rows x channels of moments), or of several streams' copies of
-    it stacked (streams x rows x channels; weight and bias streams x channels)."""
-    mean = class_mean.mean(-2)
-    var = (class_sqmean.mean(-2) - mean.square()).clamp_min(0.0)
+    it stacked (streams x rows x channels; weight and bias streams x channels). The class-balanced moments move by a
+    share of the recent residual, as `corrected_scale_and_shift` moves them by a batch's (no recent images: share 0,
+    and exactly the class-balanced map)."""
+    expected_mean, expected_sqmean = ((recent_rows.unsqueeze(-2) @ m).squeeze(-2) for m in (class_mean, class_sqmean))
+    mean = class_mean.mean(-2) + recent_share * (recent_mean - expected_mean)
+    sqmean = class_sqmean.mean(-2) + recent_share * (recent_sqmean - expected_sqmean)
+    var = (sqmean - mean.square()).clamp_min(0.0)
     scale = weight / torch.sqrt(var + eps)
     return scale, bias - mean * scale
 
@@ -172,6 +210,12 @@ class ClassStatistics:
         self.class_mean = torch.cat([layer.class_mean for layer in layers], 1)
         self.class_sqmean = torch.cat([layer.class_sqmean for layer in layers], 1)
         self.row_freshness = torch.stack([layer.row_freshness for layer in layers])
+        self.recent_mean = torch.cat([layer.recent_mean for layer in layers])
+        self.recent_sqmean = torch.cat([layer.recent_sqmean for layer in layers])
+        # The same in every layer (a layer's map reads its own: a few numbers, and mixed_forward stacks layers).
+        self.recent_rows = torch.stack([layer.recent_rows for layer in layers])
+        self.recent_count = torch.stack([layer.recent_count for layer in layers])
+        self.recent_share = torch.stack([layer.recent_share for layer in layers])
         widths = [layer.class_mean.shape[1] for layer in layers]
         self.layer_of_channel = torch.repeat_interleave(
             torch.arange(len(layers), device=self.class_mean.device),
@@ -182,6 +226,11 @@ class ClassStatistics:
             layer.class_mean = self.class_mean[:, start : start + width]
             layer.class_sqmean = self.class_sqmean[:, start : start + width]
             layer.row_freshness = self.row_freshness[index]
+            layer.recent_mean = self.recent_mean[start : start + width]
+            layer.recent_sqmean = self.recent_sqmean[start : start + width]
+            layer.recent_rows = self.recent_rows[index]
+            layer.recent_count = self.recent_count[index]
+            layer.recent_share = self.recent_share[index]
             start += width
 
     @torch.no_grad()
@@ -196,6 +245,39 @@ class ClassStatistics:
         """`TestTimeBatchNorm.add_moments` of every layer at once: `means` and `sqmeans` hold the layers' side by
         side (images x all channels, in layer order)."""
         _average_in(self, means, sqmeans, predicted, admitted, freshness, self.layer_of_channel)
+
+    @torch.no_grad()
+    def add_recent(
+        self,
+        means: torch.Tensor,
+        sqmeans: torch.Tensor,
+        probabilities: torch.Tensor,
+        images: torch.Tensor | None,
+        window: int,
+        prior_images: int,
+    ) -> None:
+        """Average a small batch's images (those in `images`, a mask; None: all) into the recent residual's moments
+        and composition, each image weighing 1 / `window` (an average over about the last `window` images), and
+        weigh the residual as `batch_correction` weighs a batch's: count / (count + `prior_images`) times how evenly
+        the recent images spread over the rows."""
+        kept = torch.isfinite(means).all(1) & torch.isfinite(sqmeans).all(1)
+        if images is not None:
+            kept &= images.to(kept.device)
+        count = int(kept.sum())
+        if count == 0:
+            return
+        weight = 1.0 - (1.0 - 1.0 / window) ** count
+        rows = self.recent_rows.shape[1]
+        spread = probabilities[kept.to(probabilities.device)].float().mean(0).to(self.recent_rows.device)
+        composition = torch.zeros(rows, device=spread.device).index_add_(
+            0, torch.arange(len(spread), device=spread.device) % rows, spread
+        )
+        self.recent_mean.lerp_(means[kept].mean(0), weight)
+        self.recent_sqmean.lerp_(sqmeans[kept].mean(0), weight)
+        self.recent_rows.lerp_(composition.expand_as(self.recent_rows), weight)
+        self.recent_count.lerp_(torch.full_like(self.recent_count, float(window)), weight)
+        count = float(self.recent_count[0])
+        self.recent_share.fill_(_evenness(self.recent_rows[0], count) * count / (count + prior_images))
 
 
 def _average_in(
@@ -248,7 +330,11 @@ class ConfiguredModel:
 
 
 def configure(
-    source: nn.Module, robust_stats: bool, stats_horizon: int, num_classes: int, stats_memory_mb: float | None = None
+    source: nn.Module,
+    robust_stats: bool,
+    stats_horizon: int,
+    num_classes: int,
+    stats_memory_mb: float | None = None,
 ) -> ConfiguredModel:
     """A copy of `source` ready for adaptation; `source` itself is never modified.
 
@@ -301,6 +387,12 @@ def _replace_batchnorms(model: nn.Module, robust: bool, horizon: int, rows: int)
                 replaced.append(layer)
     return replaced
 
+
+# A layer's test statistics, by buffer name: the class-balanced running moments and their freshness, and the recent
+# residual (what a snapshot, a copy and a reset carry; a rollback point, taken before a full batch, needs only the
+# rows that batch changes: only small batches change the recent residual).
+RECENT_RESIDUAL = ("recent_mean", "recent_sqmean", "recent_rows", "recent_count", "recent_share")
+STATISTICS = ("class_mean", "class_sqmean", "row_freshness", *RECENT_RESIDUAL)
 
 StatisticsRows = list[
     tuple[TestTimeBatchNorm | ClassStatistics, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -369,6 +461,14 @@ class BatchMoments:
         for layer, means, sqmeans in self.recorded():
             layer.add_moments(means, sqmeans, predicted, admitted, freshness)
 
+    def join_recent(
+        self, probabilities: torch.Tensor, images: torch.Tensor | None, window: int, prior_images: int
+    ) -> None:
+        """A small batch's images (those in `images`; None: all) join the recent residual
+        (`ClassStatistics.add_recent`); of a model whose statistics are not stacked, nothing."""
+        if self.statistics is not None and self.moments:
+            self.statistics.add_recent(*self.stacked(), probabilities, images, window, prior_images)
+
     def source_distance(self) -> torch.Tensor | None:
         """Per image: the mean over every channel of every layer of its source-normalised squared distance
         (`TestTimeBatchNorm.source_distance`); None when nothing was recorded. Of a few rows of a batch: the
@@ -416,6 +516,14 @@ class BatchCorrection:
     images: torch.Tensor | None  # which images' moments make the residual (None: all)
 
 
+def _evenness(composition: torch.Tensor, images: float) -> float:
+    """How evenly `images` predicted as `composition` (their mean prediction) spread over its classes: the effective
+    number of classes (exp of its entropy) from 1 (one class: 0) to min(classes, images) (1)."""
+    composition = composition.double()
+    effective = torch.exp(-(composition * composition.clamp_min(1e-12).log()).sum())
+    return float(((effective - 1) / max(1.0, min(len(composition), images) - 1)).clamp(0.0, 1.0))
+
+
 def batch_correction(
     probabilities: torch.Tensor, rows: int, prior_images: int, images: torch.Tensor | None = None
 ) -> BatchCorrection:
@@ -428,8 +536,7 @@ def batch_correction(
         probabilities = probabilities[images.to(probabilities.device)]
     count, classes = probabilities.shape
     spread = probabilities.double().mean(0)
-    effective = torch.exp(-(spread * spread.clamp_min(1e-12).log()).sum())
-    evenness = float(((effective - 1) / max(1, min(classes, count) - 1)).clamp(0.0, 1.0))
+    evenness = _evenness(spread, count)
     composition = torch.zeros(rows, dtype=torch.float32, device=probabilities.device)
     composition.index_add_(0, torch.arange(classes, device=probabilities.device) % rows, spread.float())
     return BatchCorrection(composition, evenness * count / (count + prior_images), images)

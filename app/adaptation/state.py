@@ -23,7 +23,7 @@ from app.adaptation import guards, methods
 from app.adaptation.config import AdaptationConfig
 from app.adaptation.lag import Outcome, PendingStep, RunStep
 from app.adaptation.methods.base import Method
-from app.adaptation.norm import TestTimeBatchNorm, can_mix, restore_rows
+from app.adaptation.norm import RECENT_RESIDUAL, STATISTICS, TestTimeBatchNorm, can_mix, restore_rows
 from app.adaptation.signals import CollapseMonitor
 
 Checkpoint = dict[str, Any]  # {"tensors": {name: tensor}, "optimizer": its state_dict or None[, "rows": ...]}
@@ -127,9 +127,7 @@ class AdaptationState:
         tensors = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         for name, module in self.model.named_modules():
             if statistics and isinstance(module, TestTimeBatchNorm):
-                tensors[f"{name}.class_mean"] = module.class_mean.clone()
-                tensors[f"{name}.class_sqmean"] = module.class_sqmean.clone()
-                tensors[f"{name}.row_freshness"] = module.row_freshness.clone()
+                tensors.update({f"{name}.{buffer}": getattr(module, buffer).clone() for buffer in STATISTICS})
         return {"tensors": tensors, "optimizer": _clone_optimizer_state(self.optimizer)}
 
     def restore(self, point: Checkpoint) -> None:
@@ -202,7 +200,11 @@ class AdaptationState:
     def load_state_dict(self, state: dict[str, Any], source: Source) -> None:
         """Continue from a `state_dict()`, possibly another process's. Everything is checked before anything changes:
         a state that does not fit raises ValueError (or KeyError) and leaves this state as it was."""
-        _check_tensors(state["tensors"], source.initial.get("tensors", {}))
+        initial = source.initial.get("tensors", {})
+        # The recent residual is absent from snapshots before it was kept: such a stream's starts empty.
+        recent = {name: t for name, t in initial.items() if name.rsplit(".", 1)[-1] in RECENT_RESIDUAL}
+        tensors = {**recent, **state["tensors"]}
+        _check_tensors(tensors, initial)
         optimizer = self._optimizer_state_from(state["optimizer_state"])
         monitor = source.new_monitor()
         monitor.load_state_dict(state["monitor"])
@@ -215,7 +217,7 @@ class AdaptationState:
                 raise ValueError(f"buffer mask of shape {tuple(mask.shape)} for {len(images)} buffered images")
             buffer = [(images, None if mask is None else mask.to(source.device, copy=True))]
         pending = self._pending_from(state.get("pending_step"), source)  # absent from snapshots before the lag
-        self.restore({"tensors": state["tensors"], "optimizer": optimizer})
+        self.restore({"tensors": tensors, "optimizer": optimizer})
         # A step pending here before is dropped with the state it was computed from (its twin finishes on its own).
         self.buffer, self.monitor, self.counters, self.pending = buffer, monitor, counters, pending
 

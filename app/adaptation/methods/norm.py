@@ -67,8 +67,15 @@ class TestStatistics(Method):
         predicted = logits.argmax(1)
         if point is not None:  # the rows of the statistics this batch changes, as they were: a rollback's
             point["rows"] = moments.rows(predicted)
-        admission = source.guards.admission(state, Predicted(logits, predicted, moments))
+        batch = Predicted(logits, predicted, moments)
+        admission = source.guards.admission(state, batch)
         moments.commit(predicted, admission.admitted, admission.freshness)
+        window = source.config.recent_window
+        if window and source.config.batch_stats_prior and source.guards.buffers(len(logits)):
+            # A small batch is too small to correct itself: it joins the recent residual that corrects the next ones.
+            moments.join_recent(
+                logits.softmax(1), source.guards.corrects(batch), window, source.config.batch_stats_prior
+            )
         return admission
 
 
