@@ -56,7 +56,7 @@ class AdaptationConfig(BaseModel):
     # to correct itself; the stream's recent small batches play the batch's part: their residual, averaged over about
     # this many images, moves the statistics as a full batch's own does (norm.py, "recent residual").
     recent_window: int = Field(
-        32,
+        256,
         ge=0,
         description="images of a stream's recent small batches whose residual from the class-balanced statistics "
         "corrects them, weighed as a full batch's against batch_stats_prior; 0: small batches use the running "
