@@ -267,11 +267,8 @@ class ClassStatistics:
         if count == 0:
             return
         weight = 1.0 - (1.0 - 1.0 / window) ** count
-        rows = self.recent_rows.shape[1]
         spread = probabilities[kept.to(probabilities.device)].float().mean(0).to(self.recent_rows.device)
-        composition = torch.zeros(rows, device=spread.device).index_add_(
-            0, torch.arange(len(spread), device=spread.device) % rows, spread
-        )
+        composition = _folded(spread, self.recent_rows.shape[1])
         self.recent_mean.lerp_(means[kept].mean(0), weight)
         self.recent_sqmean.lerp_(sqmeans[kept].mean(0), weight)
         self.recent_rows.lerp_(composition.expand_as(self.recent_rows), weight)
@@ -330,11 +327,7 @@ class ConfiguredModel:
 
 
 def configure(
-    source: nn.Module,
-    robust_stats: bool,
-    stats_horizon: int,
-    num_classes: int,
-    stats_memory_mb: float | None = None,
+    source: nn.Module, robust_stats: bool, stats_horizon: int, num_classes: int, stats_memory_mb: float | None = None
 ) -> ConfiguredModel:
     """A copy of `source` ready for adaptation; `source` itself is never modified.
 
@@ -524,6 +517,12 @@ def _evenness(composition: torch.Tensor, images: float) -> float:
     return float(((effective - 1) / max(1.0, min(len(composition), images) - 1)).clamp(0.0, 1.0))
 
 
+def _folded(spread: torch.Tensor, rows: int) -> torch.Tensor:
+    """A mean prediction over classes as shares of the statistics' rows (class c's share goes to row c modulo rows)."""
+    folded = torch.zeros(rows, dtype=torch.float32, device=spread.device)
+    return folded.index_add_(0, torch.arange(len(spread), device=spread.device) % rows, spread.float())
+
+
 def batch_correction(
     probabilities: torch.Tensor, rows: int, prior_images: int, images: torch.Tensor | None = None
 ) -> BatchCorrection:
@@ -534,12 +533,10 @@ def batch_correction(
     two classes, keeps the running statistics."""
     if images is not None:
         probabilities = probabilities[images.to(probabilities.device)]
-    count, classes = probabilities.shape
+    count = len(probabilities)
     spread = probabilities.double().mean(0)
     evenness = _evenness(spread, count)
-    composition = torch.zeros(rows, dtype=torch.float32, device=probabilities.device)
-    composition.index_add_(0, torch.arange(classes, device=probabilities.device) % rows, spread.float())
-    return BatchCorrection(composition, evenness * count / (count + prior_images), images)
+    return BatchCorrection(_folded(spread, rows), evenness * count / (count + prior_images), images)
 
 
 @contextmanager
