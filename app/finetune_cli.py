@@ -134,7 +134,8 @@ def finetune_command(command: FinetuneCommand) -> Any:
     """Read the model and the data, weigh the source if asked, finetune; the final card."""
     import torch  # after the flags and the model file are known good
 
-    from models.finetune import finetune, read_labelled, read_unlabelled, split
+    from models.finetune import finetune, split
+    from models.images import read_labelled, read_unlabelled
     from models.importance import weigh_source
     from models.importer import open_model
 

@@ -67,6 +67,12 @@ def model_identity(settings: Settings, card: ModelCard) -> str:
 
 def build_service(settings: Settings, loaded: tuple[torch.nn.Module, ModelCard] | None = None) -> Service:
     model, card = loaded or open_model(settings.model, settings)  # Settings holds the import flags (ForeignModel)
+    settings = settings.calibrated(card.source_distance_q99())
+    if settings.guard_plausible and settings.source_distance_q99 is None:
+        log.warning(
+            "the plausibility guard admits every image: the model card has no source_distance (measure it with "
+            "`tta calibrate MODEL --images SOURCE_IMAGES`, or set TTA_SOURCE_DISTANCE_Q99)"
+        )
     device = resolve_device(settings.device)
     model = model.to(device)
     streams = StreamEngines(lambda: AdaptationEngine(model, card.num_classes, settings, device), settings.max_streams)

@@ -13,7 +13,16 @@ from typing import Any, NoReturn
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliPositionalArg, CliSettingsSource, PydanticBaseSettingsSource
 
-from models.card import ForeignModel, ModelError, card_path, card_schema, check_model_file, one_line, read_card
+from models.card import (
+    SOURCE_IMAGES,
+    ForeignModel,
+    ModelError,
+    card_path,
+    card_schema,
+    check_model_file,
+    one_line,
+    read_card,
+)
 
 
 class FlagsOnly(BaseSettings):
@@ -65,6 +74,19 @@ def add_model_commands(commands: "argparse._SubParsersAction[argparse.ArgumentPa
         cli_enforce_required=True,
     )
     parser.set_defaults(run=lambda args: run_import(source(parsed_args=args)))
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="measure the plausibility guard's scale for a checkpoint on its source images and write it into its card",
+        description="Measures how far the model's own source images are from its BatchNorm statistics (the source "
+        f"distance's median and 99th percentile over at most {SOURCE_IMAGES} images spread evenly over the folder or "
+        "zip) and writes it into the card as source_distance; the plausibility guard's threshold is "
+        "TTA_PLAUSIBLE_DISTANCE times that 99th percentile. Without it the guard admits every image.",
+    )
+    calibrate.add_argument("model", type=Path, help="our checkpoint (.safetensors beside its card)")
+    calibrate.add_argument(
+        "--images", type=Path, required=True, help="source images (the training data): a directory or a zip, any layout"
+    )
+    calibrate.set_defaults(run=lambda args: run_calibrate(args.model, args.images))
     card = commands.add_parser("card", help="print the model card of a checkpoint, validated")
     card.add_argument("path", type=Path, help="a checkpoint (.safetensors) or its card (.json)")
     card.set_defaults(run=lambda args: print_card(args.path))
@@ -91,7 +113,24 @@ def run_import(source: CliSettingsSource[Any]) -> None:
     crop = f"{card.resize} then {card.input_size} px" if card.resize else f"{card.input_size} px"
     print(
         f"wrote {command.out} and {card_path(command.out)} ({card.architecture}, {card.num_classes} classes, {crop}); "
-        f"serve it with: tta serve --model {command.out}"
+        f"serve it with: tta serve --model {command.out} (after `tta calibrate {command.out} --images SOURCE_IMAGES`, "
+        "the plausibility guard can tell noise from the images it was trained on)"
+    )
+
+
+def run_calibrate(model_path: Path, images: Path) -> None:
+    try:
+        check_model_file(model_path, imported=False)
+        if not images.exists():
+            raise ModelError(f"--images {images} does not exist")
+        from models.plausibility import calibrate_checkpoint  # torch: after the flags and the file are known good
+
+        measured = calibrate_checkpoint(model_path, images)
+    except (ModelError, FileNotFoundError) as error:
+        fail("calibrate", str(error))
+    print(
+        f"wrote source_distance into {card_path(model_path)}: median {measured.median:.4g}, 99th percentile "
+        f"{measured.q99:.4g} over {measured.images} images of {images}"
     )
 
 

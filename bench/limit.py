@@ -60,7 +60,7 @@ def time_step(
 ) -> dict:
     """Median ms per `engine.step` (and per worker job) for one method and batch size, a fresh engine each."""
     model, card = load_checkpoint(model_path)
-    settings = Settings(model=model_path, method=method, device=device)
+    settings = Settings(model=model_path, method=method, device=device).calibrated(card.source_distance_q99())
     engine = AdaptationEngine(model, card.num_classes, settings, resolve_device(device))
     # its thread is never started: called here, on the one stream whose engine is measured above
     worker = ModelWorker(StreamEngines(lambda: engine, 1), card.mean, card.std, settings.top_k)

@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def engine(guarded: bool) -> AdaptationEngine:
         configured = settings if guarded else settings.model_copy(update=dict.fromkeys(ADMISSION_GUARDS, False))
-        return AdaptationEngine(source, card.num_classes, configured, torch.device("cpu"))
+        return AdaptationEngine(
+            source, card.num_classes, configured.calibrated(card.source_distance_q99()), torch.device("cpu")
+        )
 
     started = time.perf_counter()
     guards = (True,) if args.only_guarded else (False, True)

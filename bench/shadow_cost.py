@@ -46,8 +46,8 @@ def main() -> None:
     for batch in BATCH_SIZES:
         batches = list(images[: (WARMUP_STEPS + MEASURED_STEPS) * batch].split(batch))
         engines = [
-            AdaptationEngine(copy.deepcopy(model), card.num_classes, Settings(shadow_source=s), torch.device("cpu"))
-            for s in (False, True)
+            AdaptationEngine(copy.deepcopy(model), card.num_classes, settings, torch.device("cpu"))
+            for settings in (Settings(shadow_source=s).calibrated(card.source_distance_q99()) for s in (False, True))
         ]
         plain, shadowed = median_step_ms(engines, batches)
         print(

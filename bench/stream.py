@@ -332,16 +332,18 @@ class RunOutput:
 
 
 def method_settings(method: str, model: Path, device: str) -> Any:
-    """The Settings the server would run for `method` (TTA_ variables in the environment still apply)."""
+    """The Settings the server would run for `method` (TTA_ variables in the environment still apply), with the
+    model card's plausibility scale as the server takes it."""
     from app.config import Settings
+    from models.card import card_path, read_card
 
-    if method == "none" or method == "norm":
-        return Settings(model=model, device=device, method=method)
-    if method == "default":
-        return Settings(model=model, device=device, method="tent")
+    served = {"none": "none", "norm": "norm", "default": "tent", "tent-faithful": "tent"}
+    if method not in served:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    settings = Settings(model=model, device=device, method=served[method])
     if method == "tent-faithful":
-        return Settings(model=model, device=device, method="tent").without_guards()
-    raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        settings = settings.without_guards()
+    return settings.calibrated(read_card(card_path(model)).source_distance_q99())
 
 
 def run_in_process(stream: Stream, method: str, batch_size: int, model: Path, device: str = "auto") -> RunOutput:

@@ -458,8 +458,8 @@ def default_worker() -> tuple[Any, Any]:
     from app.serving.worker import ModelWorker
     from models.checkpoint import load_checkpoint
 
-    settings = Settings(model=DEFAULT_MODEL, device="cpu")
     model, card = load_checkpoint(DEFAULT_MODEL)
+    settings = Settings(model=DEFAULT_MODEL, device="cpu").calibrated(card.source_distance_q99())
     device = torch.device("cpu")
     model = model.to(device)
     engines = StreamEngines(lambda: AdaptationEngine(model, card.num_classes, settings, device), settings.max_streams)
@@ -804,8 +804,9 @@ def rss_growth(args: argparse.Namespace) -> None:
     from models.checkpoint import load_checkpoint
 
     torch.set_num_threads(1)
-    settings = Settings(model=DEFAULT_MODEL, device="cpu", guard_reliable=False, guard_balance=False)
     source, card = load_checkpoint(DEFAULT_MODEL)
+    settings = Settings(model=DEFAULT_MODEL, device="cpu", guard_reliable=False, guard_balance=False)
+    settings = settings.calibrated(card.source_distance_q99())
     source.eval()
     generator = torch.Generator().manual_seed(0)
     kept, rss = [], {}

@@ -25,6 +25,22 @@ class ModelError(ValueError):
     """A model file, card or import the server refuses; the message is one line, meant for the user as it is."""
 
 
+SOURCE_IMAGES = 2000  # source images the plausibility guard's scale is measured on (EATA's count for its Fisher)
+
+
+class SourceDistance(BaseModel):
+    """How far the model's own source images are from its source statistics, in the plausibility guard's measure
+    (app/adaptation/norm.py, `BatchMoments.source_distance`): its threshold is TTA_PLAUSIBLE_DISTANCE times `q99`.
+    Measured by `tta calibrate` (and by training and finetuning, on their training images)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q99: float = Field(gt=0, description="the 99th percentile of the source distance over the images measured")
+    median: float = Field(gt=0, description="its median")
+    images: int = Field(gt=0, description="how many source images were measured")
+    data: str = Field(description="where they came from")
+
+
 class ModelCard(BaseModel):
     """What the server needs besides the weights: how to build the network, its classes and its preprocessing."""
 
@@ -52,6 +68,11 @@ class ModelCard(BaseModel):
     provenance: dict[str, Any] = Field(
         default_factory=dict, description="free-form: where the weights come from (data, recipe, command, metrics)"
     )
+    source_distance: SourceDistance | None = Field(
+        None,
+        description="the plausibility guard's scale for these weights (`tta calibrate`); absent: the guard admits "
+        "every image",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelCard":
@@ -62,6 +83,9 @@ class ModelCard(BaseModel):
         if min(self.std) <= 0:
             raise ValueError(f"std {self.std} must be positive in every channel")
         return self
+
+    def source_distance_q99(self) -> float | None:
+        return None if self.source_distance is None else self.source_distance.q99
 
     def resize_side(self) -> int:
         return self.resize or self.input_size

@@ -28,6 +28,7 @@ __all__ = [
     "load_state_dict_strict",
     "read_foreign_state_dict",
     "save_checkpoint",
+    "write_card",
 ]
 
 # rw-r--r--: a checkpoint mounted into a container is read by the container's user, not the file's owner.
@@ -43,9 +44,14 @@ def save_checkpoint(model: nn.Module, card: ModelCard, weights_path: Path) -> No
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(weights_path), metadata={"architecture": card.architecture})
+    os.chmod(weights_path, CHECKPOINT_MODE)  # whatever the umask: both files are meant to be read by other users
+    write_card(card, weights_path)
+
+
+def write_card(card: ModelCard, weights_path: Path) -> None:
+    """The card beside its checkpoint (a changed card alone: `tta calibrate`)."""
     card_path(weights_path).write_text(card.model_dump_json(indent=2, exclude_defaults=True) + "\n")
-    for path in (weights_path, card_path(weights_path)):
-        os.chmod(path, CHECKPOINT_MODE)  # whatever the umask: both files are meant to be read by other users
+    os.chmod(card_path(weights_path), CHECKPOINT_MODE)
 
 
 def load_checkpoint(weights_path: Path | str) -> tuple[nn.Module, ModelCard]:

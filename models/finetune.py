@@ -1,22 +1,23 @@
-"""Finetune a checkpoint on labelled images: the recipe, the data readers, the training loop, the checkpoints.
+"""Finetune a checkpoint on labelled images: the recipe, the training loop, the checkpoints (readers: models/images.py).
 
 `tta finetune` (app/finetune_cli.py) is a front end to `finetune()`; other code (bench/selection_bias.py, the
 transferability experiment) calls it with a `Recipe` of its own:
 
     model, card = open_model(path, ForeignModel())
-    data = read_labelled(Path("images/"), card)
+    data = read_labelled(Path("images/"), card)  # models.images
     train, val = split(data, 0.1, seed=0)
     card = finetune(model, card, train, val, Recipe(epochs=3, freeze_stages=1), Path("out/model.safetensors"))
 
 The model is trained in place. After every epoch the servable checkpoint (`out` + its card, whose provenance says
 how many epochs are done) and the state to resume from (`<out>.partial.pt`: weights, optimiser, schedule, random
-state, history) are written, each atomically; `resume=True` continues from the latter.
+state, history) are written, each atomically; `resume=True` continues from the latter. New weights have new
+BatchNorm statistics, so the plausibility guard's scale is measured again on the training images once the last epoch
+is done (models/plausibility.py); the cards of the epochs before have none.
 """
 
 import os
 import sys
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,20 +26,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
-from app.serving.preprocess import fit  # the server's own resize + centre crop: train on what will be served
 from models.card import ModelCard, ModelError
-from models.checkpoint import load_checkpoint, save_checkpoint, state_dict_problems
-from models.data import ImageSet, augment, list_members, normalize
+from models.checkpoint import load_checkpoint, save_checkpoint, state_dict_problems, write_card
+from models.data import ImageSet, augment, normalize
 from models.evaluate import accuracy
+from models.plausibility import FEWEST_IMAGES, measure
 from models.recipe import Recipe
 from models.registry import build_model
 
-__all__ = ["Recipe", "finetune", "read_labelled", "read_unlabelled", "split", "stages", "subset"]
+__all__ = ["Recipe", "finetune", "split", "stages", "subset"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,47 +120,6 @@ def _head_parameters(model: nn.Module) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Data: an ImageFolder directory or a zip of that layout, read into memory at the card's input size
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _decode(data: bytes, card: ModelCard) -> torch.Tensor:
-    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    return fit(image, card.input_size, card.resize)
-
-
-def read_labelled(path: Path, card: ModelCard) -> ImageSet:
-    """`<class>/<image>` under a directory (torchvision's ImageFolder), or a zip with members `[<prefix>/]<class>/
-    <image>` (read member by member with zipfile, never unpacked: the CIFAR-10 archives' layout). Every image is
-    decoded to RGB and resized and centre-cropped as the server does for this card."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            members, labels, class_names = list_members(archive)
-            images = [_decode(archive.read(m), card) for m in members]
-    elif path.is_dir():
-        folder = ImageFolder(str(path), loader=lambda p: _decode(Path(p).read_bytes(), card))
-        members = [os.path.relpath(p, path) for p, _ in folder.samples]
-        labels, class_names = [label for _, label in folder.samples], folder.classes
-        images = [folder.loader(p) for p, _ in folder.samples]
-    else:
-        raise ModelError(f"{path} is neither a directory of class folders nor a zip of that layout")
-    if not images:
-        raise ModelError(f"{path} holds no images ({', '.join(IMG_EXTENSIONS)}) in class folders")
-    return ImageSet(torch.stack(images), torch.tensor(labels), class_names, members)
-
-
-def read_unlabelled(path: Path, card: ModelCard) -> torch.Tensor:
-    """Every image under a directory (any depth, any folder names: labels are not read) or in a zip."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = sorted(n for n in archive.namelist() if n.lower().endswith(IMG_EXTENSIONS))
-            images = [_decode(archive.read(n), card) for n in names]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
-        images = [_decode(p.read_bytes(), card) for p in files]
-    else:
-        raise ModelError(f"{path} is neither a directory of images nor a zip")
-    if not images:
-        raise ModelError(f"{path} holds no images ({', '.join(IMG_EXTENSIONS)})")
-    return torch.stack(images)
 
 
 def split(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -355,6 +312,11 @@ def finetune(
             "recipe": recipe.model_dump(),
         }
         _atomic_save(state, partial_path(out))
+    if len(train) >= FEWEST_IMAGES:
+        done = done.model_copy(update={"source_distance": measure(model, done, train.images, "the training images")})
+        write_card(done, out)
+    else:
+        log(f"no plausibility scale in the card: {len(train)} training images are too few (tta calibrate)")
     _, final = load_checkpoint(out)  # as the server will: build the card's architecture, load the weights strictly
     partial_path(out).unlink(missing_ok=True)
     return final
@@ -381,4 +343,4 @@ def _card(
         "seconds": round(time.time() - started),
         "base": card.provenance,  # where the weights finetuned from came from
     }
-    return card.model_copy(update={"provenance": finetuned})
+    return card.model_copy(update={"provenance": finetuned, "source_distance": None})

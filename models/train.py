@@ -33,6 +33,7 @@ from models.checkpoint import (
 )
 from models.data import SHARED_DATA, ImageSet, augment, load_zip, normalize
 from models.evaluate import accuracy
+from models.plausibility import measure
 from models.registry import build_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         "metrics": {"test_top1": final_acc, "history": history},
         "train_seconds": round(time.time() - started),
     }
+    card.source_distance = measure(model, card, train.images, args.train.name)  # the plausibility guard's scale
     save_checkpoint(model.eval(), card, args.out)
     partial.unlink(missing_ok=True)
     print(f"wrote {args.out}: test top-1 {100 * final_acc:.2f}%")

@@ -65,9 +65,10 @@ def make_png(width: int = 40, height: int = 30, seed: int = 0, mode: str = "RGB"
 
 @pytest.fixture(scope="module")
 def source(model_path: Path) -> tuple[nn.Module, Settings]:
-    """The default model and the default settings, for engines made in-process."""
-    model, _ = load_checkpoint(model_path)
-    return model, Settings(model=model_path)
+    """The default model and the default settings as the server runs them (its card's plausibility scale), for
+    engines made in-process."""
+    model, card = load_checkpoint(model_path)
+    return model, Settings(model=model_path).calibrated(card.source_distance_q99())
 
 
 def shuffled_test_images(model_path: Path, test_zip: Path, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:

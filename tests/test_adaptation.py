@@ -27,12 +27,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def source(model_path: Path) -> tuple[nn.Module, Settings]:
-    model, _ = load_checkpoint(model_path)
-    return model, Settings(model=model_path)
-
-
-@pytest.fixture(scope="module")
 def clean(model_path: Path, test_zip: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """600 test images (60 per class), shuffled with a fixed seed, normalised as the server does."""
     _, card = load_checkpoint(model_path)
@@ -477,6 +471,19 @@ def test_normal_and_corrupted_images_are_plausible(source, clean, noisy) -> None
         for start in range(0, len(x), 100):
             e.step(x[start : start + 100])
         assert e.stats.held_back["implausible"] <= 0.005 * len(x)
+
+
+def test_the_plausibility_threshold_is_in_units_of_the_source_images_distances(source, noise_flood) -> None:
+    """The threshold is plausible_distance times the card's source_distance_q99, the architecture's own scale
+    (models/plausibility.py): with the default model's, noise is held back; with ten times it, or without a scale
+    (an uncalibrated card), the same noise is admitted."""
+    model, settings = source
+    assert settings.source_distance_q99 is not None, "the default model's card is calibrated"
+    for q99, held_back in ((settings.source_distance_q99, 256), (10 * settings.source_distance_q99, 0), (None, 0)):
+        e = engine((model, settings.model_copy(update={"source_distance_q99": q99})), method="norm")
+        for start in range(0, 256, 64):
+            e.step(noise_flood[start : start + 64])
+        assert e.stats.held_back["implausible"] == held_back, q99
 
 
 def test_a_flood_of_one_class_moves_its_statistics_only_at_the_pace_of_the_others(source, cat_flood) -> None:

@@ -125,7 +125,6 @@ def test_key_file_format_keys_with_and_without_streams(key_file: Path) -> None:
     assert other.streams == {"cameras-north", "cameras-south"} and not other.allows("default")
 
 
-
 @pytest.mark.parametrize(
     ("text", "message"),
     [

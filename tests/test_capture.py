@@ -11,7 +11,7 @@ import torch
 
 from app.serving.capture import OUTCOMES, QUEUE_SIZE, Capture
 from models.checkpoint import load_checkpoint
-from models.finetune import read_labelled, read_unlabelled
+from models.images import read_labelled, read_unlabelled
 from tests.conftest import make_png
 from tests.servers import metric_value, running_server
 

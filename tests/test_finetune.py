@@ -21,7 +21,8 @@ from PIL import Image
 from app.cli import main as tta
 from models.card import ForeignModel, ModelError, card_path, check_model_file
 from models.checkpoint import load_checkpoint
-from models.finetune import Recipe, finetune, partial_path, read_labelled, split, stages
+from models.finetune import Recipe, finetune, partial_path, split, stages
+from models.images import read_labelled
 from models.importance import clip_normalised, importance_weights
 from models.importer import open_model
 from tests.servers import running_server
@@ -123,6 +124,7 @@ def test_each_recipe_flag(
     assert len(finetuned["metrics"]["history"]) == finetuned["recipe"]["epochs"] == finetuned["epochs_done"]
     assert finetuned["command"].startswith(f"tta finetune {flags[0]}") and "--batch-size 8" in finetuned["command"]
     assert not partial_path(out).exists()
+    assert card.source_distance is None, "new weights: the plausibility scale is not the base model's (9 images)"
     old, new = before.state_dict(), after.state_dict()
     changed = {k for k in old if k in new and old[k].shape == new[k].shape and not torch.equal(old[k], new[k])}
     if recipe == "reinit-head-new-classes":

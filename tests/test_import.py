@@ -172,6 +172,35 @@ def test_architecture_of_ones_own_by_import_path(tmp_path: Path) -> None:
         import_checkpoint(tmp_path / "own.pt", spec.model_copy(update={"arch": "models.nowhere:Net"}))
 
 
+def test_tta_calibrate_writes_the_plausibility_scale_into_the_card(
+    model_path: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    """`tta calibrate` measures 2,000 training images spread over the zip and writes their source distance into the
+    card, changing nothing else: the same figures as the committed default card's, which was made so."""
+    committed = read_card(card_path(model_path))
+    assert committed.source_distance is not None
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(model_path.read_bytes())
+    card_path(weights).write_text(committed.model_copy(update={"source_distance": None}).model_dump_json())
+    done = tta("calibrate", str(weights), "--images", str(shared_data / "train.zip"))
+    assert done.returncode == 0, done.stderr
+    assert "99th percentile" in done.stdout
+    calibrated = read_card(card_path(weights))
+    assert calibrated.source_distance is not None and calibrated.source_distance.images == 2000
+    assert calibrated.source_distance.q99 == pytest.approx(committed.source_distance.q99, rel=1e-5)
+    assert calibrated.source_distance.median < calibrated.source_distance.q99
+    assert calibrated.model_copy(update={"source_distance": None}) == committed.model_copy(
+        update={"source_distance": None}
+    )
+    few = tmp_path / "few"
+    few.mkdir()
+    for name, data in images(5):
+        (few / name).write_bytes(data)
+    for images_path, message in ((few, "too few"), (tmp_path / "absent", "does not exist")):
+        refused = tta("calibrate", str(weights), "--images", str(images_path))
+        assert refused.returncode == 2 and message in refused.stderr and refused.stderr.count("\n") == 1, refused
+
+
 def test_tta_import_writes_a_readable_checkpoint_and_card(foreign: dict, tmp_path: Path) -> None:
     path, original = foreign["resnet18_torchscript"]
     out = tmp_path / "served" / "resnet18.safetensors"
@@ -393,10 +422,13 @@ def test_the_third_party_checkpoint_is_served(akamaster: Path, tmp_path: Path, s
 
 def test_imagenet_resnet50_serves_64_images_within_its_timeout(tmp_path: Path, server_for) -> None:
     """A 1,000-class ResNet-50 at 224 px (resize 256), imported in memory by `tta serve` alone: a 64-image request
-    is answered, not a 504, because the default timeout scales to what a full batch costs on this machine."""
+    is answered, not a 504, because the default timeout scales to what a full batch costs on this machine. Without
+    the batch correction (`--batch-stats-prior 0`) the first batch is normalised with the source's statistics, so the
+    answer is the source model's own."""
     model = random_model("resnet50", 1000)
     torch.save(model.state_dict(), tmp_path / "resnet50.pth")
     flags = ["--arch", "resnet50", "--classes", "imagenet", "--input-size", "224", "--resize", "256"]
+    flags += ["--batch-stats-prior", "0"]
     files = images(64)
     with server_for(["--model", str(tmp_path / "resnet50.pth"), *flags], tmp_path, ready_timeout_s=600) as (url, _):
         started = time.monotonic()

@@ -155,7 +155,11 @@ class Plausible(Guard):
         admission.admitted = admitted if admission.admitted is None else admission.admitted & admitted
 
     def _plausible(self, batch: Predicted) -> torch.Tensor:
-        return batch.moments.source_distance().to(batch.classes.device) <= self.config.plausible_distance
+        distance = batch.moments.source_distance().to(batch.classes.device)
+        scale = self.config.source_distance_q99
+        if scale is None:  # a model not calibrated: no threshold can be told from its statistics alone
+            return torch.ones_like(distance, dtype=torch.bool)
+        return distance <= self.config.plausible_distance * scale
 
 
 class ClassPace(Guard):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -498,6 +498,23 @@ def recording(model: nn.Module) -> Iterator[BatchMoments]:
     finally:
         for layer in moments.layers:
             layer.recorder = None
+
+
+@torch.no_grad()
+def source_distances(source: nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Every image's source distance (`BatchMoments.source_distance`, the plausibility guard's measure) under the
+    source model itself, its statistics the source's: what the guard's threshold is scaled by, measured on the
+    model's own source images (models/plausibility.py)."""
+    model = configure(source, robust_stats=True, stats_horizon=1, num_classes=1).model
+    distances = []
+    for x in batches:
+        with recording(model) as moments:
+            model(x)
+        distance = moments.source_distance()
+        if distance is None:
+            raise ValueError(f"{type(source).__name__} has no BatchNorm layer: the source distance is not defined")
+        distances.append(distance)
+    return torch.cat(distances)
 
 
 @dataclass(frozen=True)
